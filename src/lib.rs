@@ -1,0 +1,10 @@
+//! agentfense-runc: an OCI runtime over youki's libcontainer that fences a container's
+//! workspace paths (hidden, view-only, read, copy-on-write writes) and audits access.
+//!
+//! The binary is a thin layer (`src/main.rs`); everything testable lives here.
+
+pub mod cli;
+pub mod config;
+pub mod logging;
+pub mod policy;
+pub mod sys;

@@ -1,0 +1,285 @@
+//! Logs in runc's formats, so that containerd, Docker and podman can read them.
+//!
+//! containerd's shim passes `--log FILE --log-format json` and, when a command fails, reads the
+//! last `error` object of that file to build the message Docker prints (`OCI runtime create
+//! failed: ...`). It expects logrus's JSON shape: one object a line with `level`, `msg` and
+//! `time`. youki's own tracing JSON uses other keys, which makes Docker print "unknown".
+//! With `--log-format text` (the default) we print logrus's text shape:
+//! `time="..." level=error msg="..."`.
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The two log formats runc knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    /// Parses runc's `--log-format` value; absent means text, as in runc.
+    pub fn parse(value: Option<&str>) -> Result<Self> {
+        match value {
+            None | Some("text") => Ok(LogFormat::Text),
+            Some("json") => Ok(LogFormat::Json),
+            Some(other) => bail!("invalid log-format: {other}"),
+        }
+    }
+}
+
+/// logrus's level names (runc logs through logrus).
+pub fn level_name(level: &Level) -> &'static str {
+    match *level {
+        Level::ERROR => "error",
+        Level::WARN => "warning",
+        Level::INFO => "info",
+        Level::DEBUG => "debug",
+        Level::TRACE => "trace",
+    }
+}
+
+/// One log line in runc's format, without the trailing newline.
+pub fn format_line(format: LogFormat, level: &str, msg: &str, time: &str) -> String {
+    match format {
+        LogFormat::Json => {
+            serde_json::json!({ "level": level, "msg": msg, "time": time }).to_string()
+        }
+        LogFormat::Text => {
+            // logrus quotes the message when it holds anything but plain characters.
+            let quoted = serde_json::Value::String(msg.to_string()).to_string();
+            format!("time=\"{time}\" level={level} msg={quoted}")
+        }
+    }
+}
+
+/// The current time as runc writes it (RFC 3339 with nanoseconds, UTC).
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+/// Collects an event's fields into one message: the `message` field first, then `key=value`.
+#[derive(Default)]
+struct MessageVisitor {
+    message: String,
+    extra: String,
+}
+
+impl Visit for MessageVisitor {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            self.push_extra(field, format_args!("{value:?}"));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            use std::fmt::Write as _;
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            self.push_extra(field, format_args!("{value:?}"));
+        }
+    }
+}
+
+impl MessageVisitor {
+    fn push_extra(&mut self, field: &Field, value: fmt::Arguments<'_>) {
+        use std::fmt::Write as _;
+        let _ = write!(self.extra, " {}={}", field.name(), value);
+    }
+
+    fn finish(self) -> String {
+        if self.extra.is_empty() {
+            self.message
+        } else {
+            format!("{}{}", self.message, self.extra)
+        }
+    }
+}
+
+/// A `tracing` formatter that writes runc's line format.
+pub struct RuncFormat(pub LogFormat);
+
+impl<S, N> FormatEvent<S, N> for RuncFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut visitor = MessageVisitor::default();
+        event.record(&mut visitor);
+        let line = format_line(
+            self.0,
+            level_name(event.metadata().level()),
+            &visitor.finish(),
+            &now(),
+        );
+        writeln!(writer, "{line}")
+    }
+}
+
+/// Where log lines go: a file opened for append, or stderr.
+#[derive(Clone)]
+enum Sink {
+    File(Arc<Mutex<std::fs::File>>),
+    Stderr,
+}
+
+/// A writer handing whole lines to the sink (one `write` per line keeps lines from
+/// interleaving with the container's init process, which logs to the same file).
+pub struct SinkWriter(Sink);
+
+impl Write for SinkWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &self.0 {
+            Sink::File(f) => match f.lock() {
+                Ok(mut f) => f.write_all(buf).map(|_| buf.len()),
+                Err(_) => Ok(buf.len()),
+            },
+            Sink::Stderr => std::io::stderr().write_all(buf).map(|_| buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Logger {
+    type Writer = SinkWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        SinkWriter(self.sink.clone())
+    }
+}
+
+/// The runtime's logger: where runc's global flags say, in runc's format.
+#[derive(Clone)]
+pub struct Logger {
+    sink: Sink,
+    format: LogFormat,
+    to_file: bool,
+}
+
+impl Logger {
+    /// Opens the log destination (`--log`, else stderr).
+    pub fn open(path: Option<&Path>, format: LogFormat) -> Result<Self> {
+        let (sink, to_file) = match path {
+            Some(p) if p != Path::new("/dev/stderr") => {
+                let f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .with_context(|| format!("failed to open log file {}", p.display()))?;
+                (Sink::File(Arc::new(Mutex::new(f))), true)
+            }
+            _ => (Sink::Stderr, false),
+        };
+        Ok(Logger {
+            sink,
+            format,
+            to_file,
+        })
+    }
+
+    /// Installs this logger as the process's `tracing` subscriber.
+    /// Without `--debug`, only our own warnings and everyone's errors are logged: libcontainer
+    /// warns about every cgroup controller this host lacks, which runc never prints and which
+    /// podman would show the user on every `exec`.
+    pub fn install(&self, debug: bool) {
+        use tracing_subscriber::filter::{LevelFilter, Targets};
+        use tracing_subscriber::prelude::*;
+        let filter = if debug {
+            Targets::new().with_default(LevelFilter::DEBUG)
+        } else {
+            Targets::new()
+                .with_default(LevelFilter::ERROR)
+                .with_target("agentfense", LevelFilter::WARN)
+        };
+        let layer = tracing_subscriber::fmt::layer()
+            .event_format(RuncFormat(self.format))
+            .with_writer(self.clone());
+        let _ = tracing_subscriber::registry()
+            .with(layer.with_filter(filter))
+            .try_init();
+    }
+
+    /// Reports a command's failure as runc does: an `error` line in the log and, when the log
+    /// is a file, the bare message on stderr too.
+    pub fn fatal(&self, msg: &str) {
+        let line = format_line(self.format, "error", msg, &now());
+        let _ = SinkWriter(self.sink.clone()).write(format!("{line}\n").as_bytes());
+        if self.to_file {
+            let _ = writeln!(std::io::stderr(), "{msg}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_line_has_runc_keys_only() {
+        let line = format_line(LogFormat::Json, "error", "exec: \"x\": not found", "T");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let obj = v.as_object().unwrap();
+        assert_eq!(obj.len(), 3);
+        assert_eq!(obj["level"], "error");
+        assert_eq!(obj["msg"], "exec: \"x\": not found");
+        assert_eq!(obj["time"], "T");
+    }
+
+    #[test]
+    fn text_line_is_logrus_shaped() {
+        let line = format_line(LogFormat::Text, "warning", "a \"b\"", "T");
+        assert_eq!(line, r#"time="T" level=warning msg="a \"b\"""#);
+    }
+
+    #[test]
+    fn log_format_values() {
+        assert_eq!(LogFormat::parse(None).unwrap(), LogFormat::Text);
+        assert_eq!(LogFormat::parse(Some("json")).unwrap(), LogFormat::Json);
+        assert_eq!(LogFormat::parse(Some("text")).unwrap(), LogFormat::Text);
+        let err = LogFormat::parse(Some("xml")).unwrap_err().to_string();
+        assert_eq!(err, "invalid log-format: xml");
+    }
+
+    #[test]
+    fn time_is_rfc3339_utc() {
+        let t = now();
+        assert!(chrono::DateTime::parse_from_rfc3339(&t).is_ok(), "{t}");
+        assert!(t.ends_with('Z'));
+    }
+
+    #[test]
+    fn fatal_writes_one_json_error_line_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.json");
+        let logger = Logger::open(Some(&path), LogFormat::Json).unwrap();
+        logger.fatal("container \"x\" does not exist");
+        logger.fatal("second");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(v["level"], "error");
+        assert_eq!(v["msg"], "container \"x\" does not exist");
+    }
+}

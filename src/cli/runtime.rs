@@ -195,7 +195,8 @@ fn state_out(c: &Container) -> StateOut<'_> {
         } else {
             st.pid.unwrap_or(0)
         },
-        status: c.status().to_string(),
+        // runc's (and containerd's) status words are lower case.
+        status: c.status().to_string().to_lowercase(),
         bundle: &st.bundle,
         rootfs: rootfs_of(&st.bundle),
         created: st

@@ -148,6 +148,10 @@ def build_image():
             "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n"
         )
         (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+        # Image content for fencing a workspace that is not a bind mount.
+        (root / "srv" / "app").mkdir(parents=True)
+        (root / "srv" / "app" / "public.txt").write_text("public\n")
+        (root / "srv" / "app" / "secret.txt").write_text("secret\n")
         tar = root.parent / (root.name + ".tar")
         sh(["tar", "-C", root, "-cf", tar, "."], check=True)
         sh([DOCKER, "import", "-c", "ENV PATH=/bin", "-c", 'CMD ["sh"]', tar, IMAGE], check=True)

@@ -5,6 +5,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod fence;
+pub mod lifecycle;
 pub mod logging;
 pub mod policy;
+pub mod splice;
 pub mod sys;

@@ -10,6 +10,7 @@ use liboci_cli::{CommonCmd, GlobalOpts, StandardCmd};
 use crate::logging::{LogFormat, Logger};
 
 pub mod executor;
+pub mod policy;
 pub mod runtime;
 
 /// The runtime's version line, in runc's shape (engines parse the first line).
@@ -74,6 +75,14 @@ pub enum Command {
     Standard(Box<StandardCmd>),
     #[command(flatten)]
     Common(Box<CommonCmd>),
+    /// Validate, explain and describe policies.
+    Policy {
+        #[command(subcommand)]
+        cmd: policy::PolicyCmd,
+    },
+    /// Serves one fenced workspace (started by the runtime itself, never by hand).
+    #[command(name = "fence-daemon", hide = true)]
+    FenceDaemon { config: PathBuf },
 }
 
 /// Parses argv, logs where runc's flags say, runs the command, and returns the process's exit
@@ -116,6 +125,31 @@ where
         let _ = Opts::command().print_help();
         return 0;
     };
+    if let Command::Policy { cmd } = cmd {
+        let admin = match crate::lifecycle::admin_config(opts.agentfense.config.as_deref()) {
+            Ok(a) => a,
+            Err(e) => {
+                logger.fatal(&format!("{e:#}"));
+                return 1;
+            }
+        };
+        return match policy::run(cmd, &admin) {
+            Ok(code) => code,
+            Err(e) => {
+                logger.fatal(&format!("{e:#}"));
+                1
+            }
+        };
+    }
+    if let Command::FenceDaemon { config } = &cmd {
+        return match crate::fence::daemon::run(config) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("{e:#}");
+                1
+            }
+        };
+    }
     match runtime::dispatch(cmd, &opts.global, &opts.agentfense) {
         Ok(code) => code,
         Err(e) => {

@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use super::executor::{runc_create_error, RuncExecutor};
 use super::{AgentfenseOpts, Command};
+use crate::lifecycle;
 
 /// runc's message for a container id with no state.
 pub const ERR_NOT_EXIST: &str = "container does not exist";
@@ -78,6 +79,9 @@ pub fn dispatch(cmd: Command, global: &GlobalOpts, agentfense: &AgentfenseOpts) 
             CommonCmd::Update(a) => update(a, &ctx).map(|_| 0),
             CommonCmd::Features(_) | CommonCmd::Spec(_) => Ok(0),
         },
+        Command::FenceDaemon { .. } | Command::Policy { .. } => {
+            bail!("not a runtime command")
+        }
     }
 }
 
@@ -135,19 +139,34 @@ fn builder(id: &str) -> ContainerBuilder {
 /// the fence is torn down again (see the fence issue). Unfenced containers go straight through.
 fn create(args: liboci_cli::Create, ctx: &Ctx) -> Result<()> {
     validate_id(&args.container_id)?;
-    builder(&args.container_id)
+    let bundle = absolute(&args.bundle)?;
+    let admin = lifecycle::admin_config(ctx.agentfense.config.as_deref())?;
+    let fence = lifecycle::prepare(&args.container_id, &bundle, &admin, &ctx.root)?;
+    let built = builder(&args.container_id)
         .with_pid_file(args.pid_file.as_ref())?
         .with_console_socket(args.console_socket.as_ref())
         .with_root_path(&ctx.root)?
         .with_preserved_fds(args.preserve_fds)
         .validate_id()?
-        .as_init(&args.bundle)
+        .as_init(&bundle)
         .with_systemd(ctx.systemd_cgroup)
         .with_detach(true)
         .with_no_pivot(args.no_pivot)
-        .build()
-        .map_err(|e| anyhow!(runc_create_error(&format!("{:#}", anyhow!(e)))))?;
-    Ok(())
+        .build();
+    match built {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            if let Some(f) = fence {
+                f.abort();
+            }
+            Err(anyhow!(runc_create_error(&format!("{:#}", anyhow!(e)))))
+        }
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    p.canonicalize()
+        .with_context(|| format!("invalid bundle {}", p.display()))
 }
 
 fn start(id: &str, ctx: &Ctx) -> Result<()> {
@@ -234,7 +253,18 @@ fn kill_cmd(id: &str, signal: &str, all: bool, ctx: &Ctx) -> Result<()> {
     }
 }
 
+/// `delete`: libcontainer's delete, then the container's fences torn down (delta kept). A
+/// fence left behind by a create that died half way is cleaned up too.
 fn delete(id: &str, force: bool, ctx: &Ctx) -> Result<()> {
+    let result = delete_container(id, force, ctx);
+    if result.is_ok() || !container_dir(ctx, id)?.join("state.json").exists() {
+        let admin = lifecycle::admin_config(ctx.agentfense.config.as_deref())?;
+        lifecycle::teardown(&admin, id)?;
+    }
+    result
+}
+
+fn delete_container(id: &str, force: bool, ctx: &Ctx) -> Result<()> {
     let dir = container_dir(ctx, id)?;
     if !dir.exists() {
         if force {
@@ -268,6 +298,15 @@ fn exec(args: liboci_cli::Exec, ctx: &Ctx) -> Result<i32> {
     let group = args.user.and_then(|(_, g)| g);
     // Loading first gives runc's "does not exist" for an unknown id.
     load(ctx, &args.container_id)?;
+    if let Some(p) = &args.process {
+        strip_fencing_env(p)?;
+    }
+    let env: HashMap<String, String> = args
+        .env
+        .iter()
+        .filter(|(k, _)| !k.starts_with(FENCING_ENV_PREFIX))
+        .cloned()
+        .collect();
     let pid = builder(&args.container_id)
         .with_root_path(&ctx.root)?
         .with_console_socket(args.console_socket.as_ref())
@@ -277,7 +316,7 @@ fn exec(args: liboci_cli::Exec, ctx: &Ctx) -> Result<i32> {
         .as_tenant()
         .with_detach(args.detach)
         .with_cwd(args.cwd.as_ref())
-        .with_env(args.env.clone().into_iter().collect())
+        .with_env(env)
         .with_process(args.process.as_ref())
         .with_no_new_privs(args.no_new_privs)
         .with_container_args(args.command.clone())
@@ -295,20 +334,55 @@ fn exec(args: liboci_cli::Exec, ctx: &Ctx) -> Result<i32> {
     Ok(exit_code(waitpid(pid, None)?))
 }
 
+/// Fencing settings travel as `AGENTFENSE_*` variables for engines without annotations; they
+/// are removed from every process the container runs (Docker hands `exec` the container's
+/// original environment again).
+const FENCING_ENV_PREFIX: &str = "AGENTFENSE_";
+
+fn strip_fencing_env(process_json: &Path) -> Result<()> {
+    let text = fs::read_to_string(process_json)
+        .with_context(|| format!("failed to read {}", process_json.display()))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text).context("invalid process JSON")?;
+    let Some(env) = v.get_mut("env").and_then(|e| e.as_array_mut()) else {
+        return Ok(());
+    };
+    let before = env.len();
+    env.retain(|e| {
+        !e.as_str()
+            .is_some_and(|s| s.starts_with(FENCING_ENV_PREFIX))
+    });
+    if env.len() != before {
+        fs::write(process_json, serde_json::to_vec(&v)?)
+            .with_context(|| format!("failed to write {}", process_json.display()))?;
+    }
+    Ok(())
+}
+
 fn run(args: liboci_cli::Run, ctx: &Ctx) -> Result<i32> {
     validate_id(&args.container_id)?;
-    let mut c = builder(&args.container_id)
+    let bundle = absolute(&args.bundle)?;
+    let admin = lifecycle::admin_config(ctx.agentfense.config.as_deref())?;
+    let fence = lifecycle::prepare(&args.container_id, &bundle, &admin, &ctx.root)?;
+    let built = builder(&args.container_id)
         .with_pid_file(args.pid_file.as_ref())?
         .with_console_socket(args.console_socket.as_ref())
         .with_root_path(&ctx.root)?
         .with_preserved_fds(args.preserve_fds)
         .validate_id()?
-        .as_init(&args.bundle)
+        .as_init(&bundle)
         .with_systemd(ctx.systemd_cgroup)
         .with_detach(args.detach)
         .with_no_pivot(args.no_pivot)
-        .build()
-        .map_err(|e| anyhow!(runc_create_error(&format!("{:#}", anyhow!(e)))))?;
+        .build();
+    let mut c = match built {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(f) = fence {
+                f.abort();
+            }
+            return Err(anyhow!(runc_create_error(&format!("{:#}", anyhow!(e)))));
+        }
+    };
     c.start().map_err(|e| {
         anyhow!(e).context(format!("failed to start container {}", args.container_id))
     })?;
@@ -321,6 +395,7 @@ fn run(args: liboci_cli::Run, ctx: &Ctx) -> Result<i32> {
     let result = forward_signals_until_exit(pid);
     if !args.keep {
         c.delete(true)?;
+        lifecycle::teardown(&admin, &args.container_id)?;
     }
     result
 }

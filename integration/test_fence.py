@@ -1,0 +1,347 @@
+"""The fence, from inside real containers: every row of SPEC §4 for every level, through Docker
+(environment form: Docker 20.10 has no --annotation), ctr and podman (annotations), as root
+and as an ordinary user, on bind-mounted and image-content workspaces, read-only binds, two
+workspaces at once and `docker exec`; and after each run, no mount and no daemon left behind,
+and the base untouched.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    CTR, CTR_IMAGE, CTR_NS, DOCKER, IMAGE, PODMAN, PODMAN_ULIMITS, REPO, BIN, sh, unique, wait_for,
+)
+
+LEVELS = ("none", "view", "read", "write")
+TABLE_POLICY = [
+    {"pattern": "/none", "permission": "none", "type": "directory"},
+    {"pattern": "/view", "permission": "view", "type": "directory"},
+    {"pattern": "/read", "permission": "read", "type": "directory"},
+    {"pattern": "/write", "permission": "write", "type": "directory"},
+    {"pattern": "**/.env", "permission": "none", "priority": 100},
+]
+
+
+@pytest.fixture(scope="session")
+def probe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe") / "probe"
+    sh(["gcc", "-static", "-O2", "-o", out, REPO / "integration" / "probe.c"], check=True)
+    return out
+
+
+def podman_value(v):
+    """podman reads --annotation values as CSV: quote one that holds quotes or commas."""
+    return '"' + v.replace('"', '""') + '"' if any(c in v for c in '",') else v
+
+
+def no_leftovers():
+    """No fence mount and no fence daemon on the host."""
+    def clean():
+        mounts = [l for l in Path("/proc/mounts").read_text().splitlines() if "agentfense" in l]
+        daemons = sh(["pgrep", "-f", "fence-daemon"]).stdout.split()
+        return not mounts and not daemons
+    wait_for(clean, "fence mounts and daemons to go away", timeout=15)
+
+
+def tree_digest(root):
+    """A digest of names, types, modes and contents under root (no following links)."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            st = p.lstat()
+            h.update(f"{p.relative_to(root)} {st.st_mode:o}".encode())
+            if p.is_symlink():
+                h.update(os.readlink(p).encode())
+            elif p.is_file():
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def make_table_repo(root):
+    for lvl in LEVELS:
+        d = root / lvl
+        (d / "d").mkdir(parents=True)
+        for f in ("f", "f2", "f3"):
+            (d / f).write_text(f"{lvl} content\n")
+        os.symlink("f", d / "l")
+    (root / "write" / ".env").write_text("SECRET=1\n")
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777)
+        for f in filenames:
+            p = Path(dirpath) / f
+            if not p.is_symlink():
+                os.chmod(p, 0o666)
+
+
+def table_checks(ws, nonroot):
+    """(check line, expected result) pairs for the SPEC §4 table."""
+    checks = []
+
+    def add(op, path, arg, expect):
+        checks.append((f"{op} {path} {arg}".strip(), f"{op} {path} {expect}"))
+
+    for lvl in LEVELS:
+        d = f"{ws}/{lvl}"
+        hidden = lvl == "none"
+        see = "ENOENT" if hidden else "ok"
+        rd = "ENOENT" if hidden else ("EACCES" if lvl == "view" else "ok")
+        wr = "ENOENT" if hidden else ("ok" if lvl == "write" else "EACCES")
+        add("listed", ws, lvl, see)
+        add("stat", f"{d}/f", "", see)
+        add("lstat", f"{d}/l", "", see)
+        add("read", f"{d}/f", "", rd)
+        add("readlink", f"{d}/l", "", rd)
+        add("getxattr", f"{d}/f", "", rd)
+        add("write", f"{d}/f", "", wr)
+        add("truncate", f"{d}/f2", "", wr)
+        add("setxattr", f"{d}/f", "", wr)
+        add("create", f"{d}/new", "", wr)
+        add("mkdir", f"{d}/newd", "", wr)
+        add("symlink", f"{d}/news", "", wr)
+        add("mkfifo", f"{d}/newp", "", wr)
+        add("unlink", f"{d}/l", "", wr)
+        add("rmdir", f"{d}/d", "", wr)
+        # An ordinary user may not hard-link a file it cannot write (fs.protected_hardlinks):
+        # the kernel refuses before the fence is asked.
+        add("link", f"{d}/f3", f"{ws}/write/link-{lvl}",
+            "EPERM" if nonroot and lvl in ("view", "read") else wr)
+        add("rename", f"{d}/f", f"{ws}/write/moved-{lvl}", wr)
+        if nonroot and lvl != "none":
+            # Reported permission bits follow the level, so access(2) agrees for ordinary users.
+            add("access_w", f"{d}/f2", "", "ok" if lvl == "write" else "EACCES")
+    # A hidden name inside a writable directory: absent, and nothing can be made there.
+    env = f"{ws}/write/.env"
+    add("listed", f"{ws}/write", ".env", "ENOENT")
+    add("stat", env, "", "ENOENT")
+    add("read", env, "", "ENOENT")
+    add("create", env, "", "EACCES")
+    add("mkdir", env, "", "EACCES")
+    add("symlink", env, "", "EACCES")
+    add("unlink", env, "", "ENOENT")
+    add("rename", f"{ws}/write/f2", env, "EACCES")
+    # Reads after the changes: the container sees its own writes.
+    add("read", f"{ws}/write/moved-write", "", "ok")
+    add("stat", f"{ws}/write/f", "", "ENOENT")
+    return checks
+
+
+def run_probe_lines(cmd_prefix, checks):
+    p = sh([*cmd_prefix, "-a", *(c for c, _ in checks)], timeout=120)
+    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
+    got = p.stdout.splitlines()
+    return got
+
+
+def assert_table(got, checks):
+    expected = [e for _, e in checks]
+    assert len(got) == len(expected), (got, expected)
+    wrong = [(g, e) for g, e in zip(got, expected) if g != e]
+    assert not wrong, "\n".join(f"got {g!r}, expected {e!r}" for g, e in wrong)
+
+
+def check_host_after(repo, digest, upper_root=None):
+    assert tree_digest(repo) == digest, "the base changed"
+    no_leftovers()
+
+
+def state_dir_of(cid):
+    return Path("/var/lib/agentfense/containers") / cid
+
+
+# ------------------------------------------------------------------ the table
+
+
+@pytest.mark.parametrize("user", ["root", "1000:1000"])
+def test_docker_table(docker_engine, image, probe, tmp_path, user):
+    repo = tmp_path / "repo"
+    make_table_repo(repo)
+    digest = tree_digest(repo)
+    checks = table_checks("/workspace", user != "root")
+    name = unique()
+    got = run_probe_lines(
+        [DOCKER, "run", "--rm", "-i", "--name", name, "--runtime", "agentfense", "-u", user,
+         "-e", "AGENTFENSE_POLICY=" + json.dumps(TABLE_POLICY),
+         "-v", f"{repo}:/workspace", "-v", f"{probe}:/probe:ro", IMAGE, "/probe"],
+        checks)
+    assert_table(got, checks)
+    check_host_after(repo, digest)
+    # The container's writes are in its delta, kept after delete.
+    ids = [p for p in Path("/var/lib/agentfense/containers").iterdir()
+           if json.loads((p / "fence.json").read_text())["workspaces"][0]["base"] == str(repo)]
+    assert len(ids) == 1
+    upper = Path(json.loads((ids[0] / "fence.json").read_text())["workspaces"][0]["upper"])
+    assert (upper / "write" / "moved-write").read_text() == "write content\nx"
+    assert (upper / "write" / "new").exists()
+
+
+def test_ctr_table_with_annotations(ctr_engine, probe, tmp_path):
+    repo = tmp_path / "repo"
+    make_table_repo(repo)
+    digest = tree_digest(repo)
+    checks = table_checks("/workspace", False)
+    cid = unique("ctr")
+    got = run_probe_lines(
+        [CTR, "-a", ctr_engine, "-n", CTR_NS, "run", "--rm", "--runtime", "io.containerd.runc.v2",
+         "--runc-binary", BIN, "--annotation", "agentfense.io/policy=" + json.dumps(TABLE_POLICY),
+         "--mount", f"type=bind,src={repo},dst=/workspace,options=rbind:rw",
+         "--mount", f"type=bind,src={probe},dst=/probe,options=rbind:ro",
+         CTR_IMAGE, cid, "/probe"],
+        checks)
+    assert_table(got, checks)
+    check_host_after(repo, digest)
+
+
+def test_podman_table_with_annotations(podman_engine, probe, tmp_path):
+    repo = tmp_path / "repo"
+    make_table_repo(repo)
+    digest = tree_digest(repo)
+    checks = table_checks("/workspace", True)
+    got = run_probe_lines(
+        [PODMAN, "--runtime", BIN, "--cgroup-manager", "cgroupfs", "run", "--rm", "-i",
+         "--network", "none", *PODMAN_ULIMITS, "-u", "1000:1000",
+         "--annotation", podman_value("agentfense.io/policy=" + json.dumps(TABLE_POLICY)),
+         "-v", f"{repo}:/workspace", "-v", f"{probe}:/probe:ro", IMAGE, "/probe"],
+        checks)
+    assert_table(got, checks)
+    check_host_after(repo, digest)
+
+
+def test_docker_exec_is_fenced_too(docker_engine, image, probe, tmp_path, cleanup_docker):
+    repo = tmp_path / "repo"
+    make_table_repo(repo)
+    digest = tree_digest(repo)
+    name = unique()
+    cleanup_docker.append(name)
+    sh([DOCKER, "run", "-d", "--name", name, "--runtime", "agentfense",
+        "-e", "AGENTFENSE_POLICY=" + json.dumps(TABLE_POLICY),
+        "-v", f"{repo}:/workspace", "-v", f"{probe}:/probe:ro", IMAGE, "sleep", "1000"], check=True)
+    checks = table_checks("/workspace", True)
+    got = run_probe_lines([DOCKER, "exec", "-u", "1000:1000", name, "/probe"], checks)
+    assert_table(got, checks)
+    # The fencing variables never reach the container's environment.
+    env = sh([DOCKER, "exec", name, "env"]).stdout
+    assert "AGENTFENSE" not in env
+    sh([DOCKER, "rm", "-f", name], check=True)
+    check_host_after(repo, digest)
+
+
+# ------------------------------------------------------------------ workspace shapes
+
+
+def test_read_only_bind_stays_read_only(docker_engine, image, tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "out").mkdir(parents=True)
+    (repo / "a.txt").write_text("a\n")
+    digest = tree_digest(repo)
+    p = sh([DOCKER, "run", "--rm", "--runtime", "agentfense", "-e", "AGENTFENSE_PRESET=full-access",
+            "-v", f"{repo}:/workspace:ro", IMAGE, "sh", "-c",
+            "cat /workspace/a.txt; echo x > /workspace/out/b 2>&1 || echo refused"])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "a\nrefused\n"
+    assert "Read-only file system" in p.stderr
+    check_host_after(repo, digest)
+
+
+def test_image_content_workspace(docker_engine, image):
+    """A workspace that is no bind mount: the image's own /srv/app, fenced."""
+    policy = [{"pattern": "**/*", "permission": "read"},
+              {"pattern": "/secret.txt", "permission": "none", "type": "file"}]
+    p = sh([DOCKER, "run", "--rm", "--runtime", "agentfense", "-e", "AGENTFENSE_WORKSPACE=/srv/app",
+            "-e", "AGENTFENSE_POLICY=" + json.dumps(policy), IMAGE, "sh", "-c",
+            "ls /srv/app; cat /srv/app/public.txt; cat /srv/app/secret.txt"])
+    assert p.returncode == 1
+    assert p.stdout == "public.txt\npublic\n"
+    assert "No such file or directory" in p.stderr
+    no_leftovers()
+
+
+def test_two_workspaces(docker_engine, image, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (src / "main.c").write_text("int main;\n")
+    (src / ".env").write_text("X=1\n")
+    policy = [{"pattern": "**/*", "permission": "write"}, {"pattern": "**/.env", "permission": "none"}]
+    p = sh([DOCKER, "run", "--rm", "--runtime", "agentfense", "-e", "AGENTFENSE_WORKSPACE=/src,/out",
+            "-e", "AGENTFENSE_POLICY=" + json.dumps(policy),
+            "-v", f"{src}:/src", "-v", f"{out}:/out", IMAGE, "sh", "-c",
+            "ls -a /src; cat /src/main.c > /out/copy.c; cat /out/copy.c; mount | grep -c agentfense"])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == ".\n..\nmain.c\nint main;\n2\n"
+    # delta keep: the host directories are untouched.
+    assert not (out / "copy.c").exists()
+    no_leftovers()
+
+
+def test_unfenced_container_gets_no_fence(docker_engine, image, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / ".env").write_text("visible\n")
+    name = unique()
+    p = sh([DOCKER, "run", "--rm", "--name", name, "--runtime", "agentfense", "-v",
+            f"{repo}:/workspace", IMAGE, "sh", "-c", "cat /workspace/.env; mount | grep -c fuse || true"])
+    assert p.stdout == "visible\n0\n"
+    no_leftovers()
+
+
+def test_bad_policy_never_starts_the_container(docker_engine, image, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for env, words in [
+        ("AGENTFENSE_PRESET=agent-unsafe", "unknown preset"),
+        ('AGENTFENSE_POLICY=[{"pattern": "a[", "permission": "read"}]', "rule 0"),
+        ('AGENTFENSE_POLICY=[{"pattern": "*", "permission": "rw"}]', "rw"),
+        ("AGENTFENSE_POLICY_NAME=../etc/passwd", "policy"),
+        ("AGENTFENSE_TYPO=1", "AGENTFENSE_TYPO"),
+    ]:
+        p = sh([DOCKER, "run", "--rm", "--runtime", "agentfense", "-e", env, "-v",
+                f"{repo}:/workspace", IMAGE, "sh", "-c", "echo RAN > /workspace/ran"])
+        assert p.returncode != 0, env
+        assert "RAN" not in p.stdout
+        assert words in p.stderr, (env, p.stderr)
+        assert not (repo / "ran").exists()
+    no_leftovers()
+
+
+def test_restart_keeps_the_delta(docker_engine, image, tmp_path, cleanup_docker):
+    repo = tmp_path / "repo"
+    (repo / "output").mkdir(parents=True)
+    name = unique()
+    cleanup_docker.append(name)
+    sh([DOCKER, "run", "-d", "--name", name, "--runtime", "agentfense", "-e",
+        "AGENTFENSE_PRESET=agent-safe", "-v", f"{repo}:/workspace", IMAGE, "sh", "-c",
+        "echo $$ >> /workspace/output/starts; sleep 1000"], check=True)
+    wait_for(lambda: sh([DOCKER, "exec", name, "cat", "/workspace/output/starts"]).stdout.count("\n") == 1,
+             "first start")
+    sh([DOCKER, "restart", "-t", "1", name], check=True)
+    wait_for(lambda: sh([DOCKER, "exec", name, "cat", "/workspace/output/starts"]).stdout.count("\n") == 2,
+             "second start to append to the same delta")
+    assert not (repo / "output" / "starts").exists()
+    sh([DOCKER, "rm", "-f", name], check=True)
+    no_leftovers()
+
+
+def test_killed_daemon_fails_closed_and_delete_cleans_up(docker_engine, image, tmp_path, cleanup_docker):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a.txt").write_text("a\n")
+    name = unique()
+    cleanup_docker.append(name)
+    sh([DOCKER, "run", "-d", "--name", name, "--runtime", "agentfense", "-e",
+        "AGENTFENSE_PRESET=read-only", "-v", f"{repo}:/workspace", IMAGE, "sleep", "1000"], check=True)
+    assert sh([DOCKER, "exec", name, "cat", "/workspace/a.txt"]).stdout == "a\n"
+    for pid in sh(["pgrep", "-f", "fence-daemon"]).stdout.split():
+        os.kill(int(pid), 9)
+    p = sh([DOCKER, "exec", name, "cat", "/workspace/a.txt"])
+    assert p.returncode != 0 and p.stdout == ""
+    assert "Transport endpoint is not connected" in p.stderr or "I/O error" in p.stderr, p.stderr
+    sh([DOCKER, "rm", "-f", name], check=True)
+    no_leftovers()

@@ -1,0 +1,315 @@
+//! The fence daemon: the same binary, run as `agentfense-runc fence-daemon CONFIG`, one per
+//! fenced workspace path of a container.
+//!
+//! The runtime starts it before libcontainer creates the container and waits until the mount
+//! is live. The daemon starts its own session (`setsid`), closes every descriptor it inherited
+//! (containerd reads the runtime's stdout and stderr until every copy is closed), reports
+//! readiness on its stdout pipe, then puts `/dev/null` there and serves until unmounted.
+//! If it dies, the kernel answers every access to the mount with an error: the workspace fails
+//! closed.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::Fence;
+use crate::policy::{Level, Policy, Rule};
+
+/// Everything a daemon needs, written by the runtime as JSON into the container's state dir.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    pub container_id: String,
+    /// The shared base (None: `delta=off`, changes go straight to `upper`, the base itself).
+    pub base: Option<PathBuf>,
+    pub upper: PathBuf,
+    pub mountpoint: PathBuf,
+    /// The effective policy, in the engine's canonical JSON.
+    pub policy: String,
+    /// Mount read-only (the workspace's own mount was `ro`).
+    pub read_only: bool,
+    /// FUSE worker threads.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+}
+
+fn default_threads() -> usize {
+    4
+}
+
+/// The canonical JSON's shape.
+#[derive(Deserialize)]
+struct Canonical {
+    default: Level,
+    rules: Vec<Rule>,
+    #[serde(default)]
+    floor: Vec<Rule>,
+}
+
+/// Rebuilds a policy from [`Policy::canonical_json`].
+pub fn policy_from_canonical(json: &str) -> Result<Policy> {
+    let c: Canonical = serde_json::from_str(json).context("invalid policy in daemon config")?;
+    Policy::new(c.rules, c.default)
+        .and_then(|p| p.with_floor(&c.floor))
+        .map_err(|e| anyhow!("{e}"))
+}
+
+/// The daemon's main: mount, say so, serve. Returns when the file system is unmounted.
+pub fn run(config_path: &Path) -> Result<()> {
+    // Our own session: no signal aimed at the runtime's process group reaches us.
+    let _ = nix::unistd::setsid();
+    close_inherited_fds();
+    let cfg: DaemonConfig = serde_json::from_str(
+        &fs::read_to_string(config_path)
+            .with_context(|| format!("failed to read {}", config_path.display()))?,
+    )
+    .context("invalid daemon config")?;
+    let policy = policy_from_canonical(&cfg.policy)?;
+    let fence = Fence::new(policy, cfg.base.as_deref(), &cfg.upper)
+        .map_err(|e| anyhow!("failed to open the workspace layers: {e}"))?;
+    let mut options = vec![
+        fuser::MountOption::FSName(format!("agentfense:{}", cfg.container_id)),
+        fuser::MountOption::Subtype("agentfense".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::NoDev,
+    ];
+    options.push(if cfg.read_only {
+        fuser::MountOption::RO
+    } else {
+        fuser::MountOption::RW
+    });
+    let mut config = fuser::Config::default();
+    config.mount_options = options;
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(cfg.threads.clamp(1, 64));
+    config.clone_fd = true;
+    let session = fuser::Session::new(fence, &cfg.mountpoint, &config)
+        .with_context(|| format!("failed to mount the fence at {}", cfg.mountpoint.display()))?;
+    // Ready: the mount is live.
+    println!("ready");
+    redirect_stdout_to_null();
+    session.run().context("fence session failed")?;
+    Ok(())
+}
+
+fn close_inherited_fds() {
+    let Ok(dir) = fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // The directory's own descriptor is among them; closing it after listing is harmless.
+        let _ = nix::unistd::close(fd);
+    }
+}
+
+fn redirect_stdout_to_null() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let _ = std::io::stdout().flush();
+    if let Ok(null) = fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+    }
+}
+
+/// A running daemon, as the runtime knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DaemonHandle {
+    pub pid: i32,
+    pub mountpoint: PathBuf,
+}
+
+/// Starts a daemon for `config` (already written at `config_path`) and waits until its mount
+/// is live. On failure nothing is left running and the error carries the daemon's own words.
+pub fn spawn(
+    exe: &Path,
+    config_path: &Path,
+    cfg: &DaemonConfig,
+    log: &Path,
+) -> Result<DaemonHandle> {
+    let log_file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("failed to open {}", log.display()))?;
+    let mut child = Command::new(exe)
+        .arg("fence-daemon")
+        .arg(config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_file))
+        .spawn()
+        .with_context(|| format!("failed to start the fence daemon ({})", exe.display()))?;
+    let pid = child.id() as i32;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no daemon stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let r = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+        let _ = tx.send(r);
+    });
+    let fail = |child: &mut std::process::Child, why: String| -> anyhow::Error {
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = unmount(&cfg.mountpoint);
+        let tail = fs::read_to_string(log).unwrap_or_default();
+        let last = tail
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .to_string();
+        if last.is_empty() {
+            anyhow!("fence daemon {why}")
+        } else {
+            anyhow!("fence daemon {why}: {last}")
+        }
+    };
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Ok(l)) if l.trim() == "ready" => {}
+        Ok(_) => {
+            let _ = child.wait();
+            return Err(fail(&mut child, "failed".into()));
+        }
+        Err(_) => return Err(fail(&mut child, "did not become ready in 20s".into())),
+    }
+    // Nobody waits for the daemon from here on: it belongs to its own session. Reap it in the
+    // background if we are still alive when it ends (the runtime exits long before).
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(DaemonHandle {
+        pid,
+        mountpoint: cfg.mountpoint.clone(),
+    })
+}
+
+/// Whether `path` is a mount point (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|mp| unescape_mount(mp) == want)
+    })
+}
+
+fn unescape_mount(s: &str) -> String {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmounts a fence mount: normally, else lazily (still busy). Not mounted is fine.
+pub fn unmount(path: &Path) -> Result<()> {
+    use nix::mount::{umount2, MntFlags};
+    for _ in 0..3 {
+        if !is_mounted(path) {
+            return Ok(());
+        }
+        match umount2(path, MntFlags::empty()) {
+            Ok(()) => continue,
+            Err(nix::errno::Errno::EBUSY) => {
+                umount2(path, MntFlags::MNT_DETACH)
+                    .with_context(|| format!("failed to detach {}", path.display()))?;
+            }
+            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => return Ok(()),
+            Err(e) => bail!("failed to unmount {}: {e}", path.display()),
+        }
+    }
+    if is_mounted(path) {
+        bail!("{} is still mounted", path.display());
+    }
+    Ok(())
+}
+
+/// Stops a daemon: unmount (which ends its session), then make sure the process is gone.
+/// Only a process that is really our daemon for this mount is signalled.
+pub fn stop(handle: &DaemonHandle) -> Result<()> {
+    let r = unmount(&handle.mountpoint);
+    let pid = nix::unistd::Pid::from_raw(handle.pid);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while is_our_daemon(handle) {
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r
+}
+
+/// Whether `handle.pid` is still a fence daemon serving `handle.mountpoint` (pids are reused).
+pub fn is_our_daemon(handle: &DaemonHandle) -> bool {
+    let Ok(cmdline) = fs::read(format!("/proc/{}/cmdline", handle.pid)) else {
+        return false;
+    };
+    if let Ok(stat) = fs::read_to_string(format!("/proc/{}/stat", handle.pid)) {
+        if stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            == Some("Z")
+        {
+            return false;
+        }
+    }
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.iter().any(|a| *a == b"fence-daemon")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_policy_round_trips() {
+        let p = Policy::preset(crate::policy::Preset::AgentSafe).unwrap();
+        let q = policy_from_canonical(&p.canonical_json()).unwrap();
+        assert_eq!(p.canonical_json(), q.canonical_json());
+        for path in [
+            "/.env",
+            "/src/a.py",
+            "/output/x",
+            "/.git/config",
+            "/a/secrets/k",
+        ] {
+            assert_eq!(p.decide(path, false), q.decide(path, false), "{path}");
+        }
+    }
+
+    #[test]
+    fn mountinfo_unescaping() {
+        assert_eq!(unescape_mount("/a\\040b"), "/a b");
+        assert_eq!(unescape_mount("/plain"), "/plain");
+    }
+}

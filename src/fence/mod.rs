@@ -1,0 +1,1203 @@
+//! The fence: a FUSE file system that shows a container its workspace through a policy, with
+//! every change landing in a per-container copy-on-write layer (SPEC §4, §5).
+//!
+//! Each operation is: find the node, decide its path against the policy, do the work through
+//! file descriptors beneath the layer roots, reply. Nothing here panics on what a container can
+//! influence: every failure is an errno reply.
+//!
+//! What the container is told (SPEC §4):
+//! - a path whose level is `none` (and that is not a traversable directory) does not exist:
+//!   `ENOENT` on lookup, absent from listings (whose offsets are positions in the filtered
+//!   listing), not counted in a directory's link count;
+//! - `view`: metadata only; opening, `readlink`, `getxattr` answer `EACCES`;
+//! - `read`: no change of any kind (`EACCES`);
+//! - `write`: changes, copy-on-write;
+//! - creating at a hidden path answers `EACCES` and never touches what may be there.
+//!
+//! Reported permission bits are those of the backing file, less what the level takes away
+//! (`read`: no write bits; `view`: no read or write bits on files, no write bits on
+//! directories), so that `ls -l` and `access(2)` for ordinary users agree with the policy.
+
+pub mod daemon;
+pub mod layers;
+pub mod nodes;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno as FErrno, FileAttr, FileHandle, FileType as FType, Filesystem, FopenFlags,
+    Generation, INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
+    RenameFlags as FRenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::policy::{Level, Policy};
+use crate::sys::fs::{self as sfs, Errno, FileType, Mode, OFlags};
+use layers::{is_private_xattr, rel, Found, Layer, Layers};
+use nodes::{child_path, Node, Nodes, ROOT};
+
+/// How long the kernel may cache entries and attributes. Host changes to the base show
+/// through within this time (SPEC §5: about a second).
+const TTL: Duration = Duration::from_secs(1);
+
+type Res<T> = Result<T, Errno>;
+
+fn ferr(e: Errno) -> FErrno {
+    FErrno::from_i32(e.raw_os_error())
+}
+
+/// What the fence serves.
+pub struct Fence {
+    policy: Policy,
+    layers: Layers,
+    nodes: Mutex<Nodes>,
+    /// Namespace changes (create, remove, rename) are serialised; lookups and I/O are not.
+    ns: RwLock<()>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+}
+
+enum Handle {
+    File(OwnedFd),
+    Dir(Vec<(u64, FType, std::ffi::OsString)>),
+}
+
+fn ftype(ft: FileType) -> FType {
+    match ft {
+        FileType::Directory => FType::Directory,
+        FileType::Symlink => FType::Symlink,
+        FileType::Fifo => FType::NamedPipe,
+        FileType::Socket => FType::Socket,
+        FileType::CharacterDevice => FType::CharDevice,
+        FileType::BlockDevice => FType::BlockDevice,
+        _ => FType::RegularFile,
+    }
+}
+
+fn time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec.clamp(0, 999_999_999) as u32)
+    } else {
+        UNIX_EPOCH
+    }
+}
+
+/// Refusal for an operation that needs `need` on a path decided `level`: a path that does not
+/// exist for the container is `ENOENT`, one that does is `EACCES`.
+fn refuse(level: Level) -> Errno {
+    if level == Level::None {
+        Errno::NOENT
+    } else {
+        Errno::ACCESS
+    }
+}
+
+/// A name the kernel hands us for a new or looked-up entry.
+fn valid_name(name: &OsStr) -> Res<&str> {
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') || b.contains(&0) {
+        return Err(Errno::INVAL);
+    }
+    if b.len() > 255 {
+        return Err(Errno::NAMETOOLONG);
+    }
+    // Policies are decided on text; a name that is not UTF-8 can match no rule reliably, so it
+    // is treated as not existing (and cannot be created).
+    name.to_str().ok_or(Errno::NOENT)
+}
+
+impl Fence {
+    /// A fence over `base` (None: changes in place) with changes in `upper`.
+    pub fn new(policy: Policy, base: Option<&Path>, upper: &Path) -> Res<Fence> {
+        let layers = Layers::open(base, upper)?;
+        let root = layers.root_entry()?;
+        Ok(Fence {
+            policy,
+            nodes: Mutex::new(Nodes::new(root.merge_base)),
+            layers,
+            ns: RwLock::new(()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        })
+    }
+
+    fn node(&self, ino: INodeNo) -> Res<Node> {
+        let nodes = self.nodes.lock().map_err(|_| Errno::IO)?;
+        nodes.get(ino.0).cloned().ok_or(Errno::STALE)
+    }
+
+    /// The level in effect at `path`, as the container sees it.
+    fn level(&self, path: &str, is_dir: bool) -> Level {
+        self.policy.decide(path, is_dir).apparent_level()
+    }
+
+    /// A node's entry, freshly from the layers.
+    fn found(&self, node: &Node) -> Res<Found> {
+        if node.path.starts_with('\0') {
+            return Err(Errno::STALE);
+        }
+        self.layers
+            .find(rel(&node.path), node.parent_merge)?
+            .ok_or(Errno::NOENT)
+    }
+
+    /// Looks up `name` in directory `parent`: the child's path and entry, if it exists for the
+    /// container.
+    fn child(&self, parent: &Node, name: &str) -> Res<(String, Option<Found>)> {
+        let path = child_path(&parent.path, name);
+        let found = self.layers.find(rel(&path), parent.merge_base)?;
+        let found = found.filter(|f| self.policy.decide(&path, f.is_dir()).visible());
+        Ok((path, found))
+    }
+
+    fn attr(&self, ino: u64, path: &str, f: &Found) -> Res<FileAttr> {
+        let st = &f.st;
+        let kind = sfs::file_type(st);
+        let level = self.level(path, kind == FileType::Directory);
+        let mut perm = (st.st_mode & 0o7777) as u16;
+        match (level, kind) {
+            (Level::Write, _) => {}
+            (Level::Read, _) => perm &= !0o222,
+            (_, FileType::Directory) => perm &= !0o222,
+            _ => perm &= !0o666,
+        }
+        let (nlink, size, blocks) = if kind == FileType::Directory {
+            // Count only what the container sees: hidden subdirectories add no links, and
+            // the size is a constant so the number of hidden entries does not show.
+            let subdirs = self
+                .visible_children(path, f)?
+                .iter()
+                .filter(|(_, t, _)| *t == FileType::Directory)
+                .count() as u32;
+            (2 + subdirs, 4096, 8)
+        } else {
+            // A link count above one would tell of names elsewhere, possibly hidden.
+            (1, st.st_size as u64, st.st_blocks as u64)
+        };
+        Ok(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks,
+            atime: time(st.st_atime, st.st_atime_nsec as i64),
+            mtime: time(st.st_mtime, st.st_mtime_nsec as i64),
+            ctime: time(st.st_ctime, st.st_ctime_nsec as i64),
+            crtime: UNIX_EPOCH,
+            kind: ftype(kind),
+            perm,
+            nlink,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: if kind == FileType::CharacterDevice || kind == FileType::BlockDevice {
+                st.st_rdev as u32
+            } else {
+                0
+            },
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    /// The entries of directory `path` the container sees: name, type, child path.
+    fn visible_children(&self, path: &str, f: &Found) -> Res<Vec<(String, FileType, String)>> {
+        let mut out = Vec::new();
+        for (name, ft) in self.layers.list(rel(path), f)? {
+            let Some(name) = name.to_str() else { continue };
+            let cp = child_path(path, name);
+            if self.policy.decide(&cp, ft == FileType::Directory).visible() {
+                out.push((name.to_string(), ft, cp));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Registers a looked-up entry with the kernel (one lookup reference) and builds its reply.
+    fn entry(&self, parent: &Node, path: &str, f: &Found) -> Res<FileAttr> {
+        let ino = {
+            let mut nodes = self.nodes.lock().map_err(|_| Errno::IO)?;
+            nodes.upsert(path, ftype(f.kind()), f.merge_base, parent.merge_base, true)
+        };
+        self.attr(ino, path, f)
+    }
+
+    /// The refusal, if any, for changing an existing entry at `path`.
+    fn need_write(&self, path: &str, is_dir: bool) -> Res<()> {
+        match self.level(path, is_dir) {
+            Level::Write => Ok(()),
+            l => Err(refuse(l)),
+        }
+    }
+
+    /// The refusal, if any, for creating something at `path` (hidden or not: `EACCES`).
+    fn need_create(&self, path: &str, is_dir: bool) -> Res<()> {
+        if self.level(path, is_dir) == Level::Write {
+            Ok(())
+        } else {
+            Err(Errno::ACCESS)
+        }
+    }
+
+    fn ns_write(&self) -> Res<std::sync::RwLockWriteGuard<'_, ()>> {
+        self.ns.write().map_err(|_| Errno::IO)
+    }
+
+    fn ns_read(&self) -> Res<std::sync::RwLockReadGuard<'_, ()>> {
+        self.ns.read().map_err(|_| Errno::IO)
+    }
+
+    /// Prepares creating `name` in `parent`: checks, then makes room in the upper layer.
+    /// Returns the new path and whether a deleted base entry was there (so a new directory
+    /// must be opaque).
+    fn prepare_create(&self, parent: &Node, name: &OsStr, is_dir: bool) -> Res<(String, bool)> {
+        let name =
+            valid_name(name).map_err(|e| if e == Errno::NOENT { Errno::ACCESS } else { e })?;
+        let path = child_path(&parent.path, name);
+        self.need_create(&path, is_dir)?;
+        let (_, existing) = self.child(parent, name)?;
+        if existing.is_some() {
+            return Err(Errno::EXIST);
+        }
+        let r = rel(&path);
+        let (pdir, _) = sfs::split(r);
+        if self.layers.cow() {
+            self.layers.ensure_upper_dir(pdir)?;
+        }
+        let had_whiteout = self.layers.clear_whiteout(r)?;
+        let base_had = self.layers.cow()
+            && parent.merge_base
+            && self
+                .layers
+                .base()
+                .is_some_and(|b| sfs::lstat(b, r).ok().flatten().is_some());
+        if base_had && !had_whiteout {
+            // Something hidden by the policy exists in the base there: never touch it.
+            return Err(Errno::ACCESS);
+        }
+        Ok((path, had_whiteout))
+    }
+
+    /// After creating `path` in the upper layer: owner, then the reply.
+    fn finish_create(&self, req: &Request, parent: &Node, path: &str) -> Res<FileAttr> {
+        let r = rel(path);
+        sfs::lchown(self.layers.upper(), r, Some(req.uid()), Some(req.gid()))?;
+        let f = self
+            .layers
+            .find(r, parent.merge_base)?
+            .ok_or(Errno::NOENT)?;
+        self.entry(parent, path, &f)
+    }
+
+    fn new_fh(&self, h: Handle) -> Res<u64> {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().map_err(|_| Errno::IO)?.insert(fh, h);
+        Ok(fh)
+    }
+
+    fn with_file<T>(&self, fh: FileHandle, f: impl FnOnce(&OwnedFd) -> Res<T>) -> Res<T> {
+        let handles = self.handles.lock().map_err(|_| Errno::IO)?;
+        match handles.get(&fh.0) {
+            Some(Handle::File(fd)) => f(fd),
+            _ => Err(Errno::BADF),
+        }
+    }
+
+    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Res<FileAttr> {
+        let _g = self.ns_read()?;
+        let parent = self.node(parent)?;
+        let name = valid_name(name)?;
+        let (path, found) = self.child(&parent, name)?;
+        let f = found.ok_or(Errno::NOENT)?;
+        self.entry(&parent, &path, &f)
+    }
+
+    fn do_getattr(&self, ino: INodeNo) -> Res<FileAttr> {
+        let node = self.node(ino)?;
+        let f = self.found(&node)?;
+        if !self.policy.decide(&node.path, f.is_dir()).visible() {
+            return Err(Errno::NOENT);
+        }
+        self.attr(ino.0, &node.path, &f)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn do_setattr(
+        &self,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> Res<FileAttr> {
+        let _g = self.ns_read()?;
+        let node = self.node(ino)?;
+        let f = self.found(&node)?;
+        self.need_write(&node.path, f.is_dir())?;
+        let r = rel(&node.path);
+        self.layers.copy_up(r)?;
+        let up = self.layers.upper();
+        if uid.is_some() || gid.is_some() {
+            sfs::lchown(up, r, uid, gid)?;
+        }
+        if let Some(m) = mode {
+            if f.kind() != FileType::Symlink {
+                sfs::chmod(up, r, m & 0o7777)?;
+            }
+        }
+        if let Some(len) = size {
+            let via_fh = fh.map(|fh| self.with_file(fh, |fd| rustix::fs::ftruncate(fd, len)));
+            match via_fh {
+                Some(Ok(())) => {}
+                _ => {
+                    let fd = self.layers.open_file(r, Layer::Upper, OFlags::WRONLY)?;
+                    rustix::fs::ftruncate(&fd, len)?;
+                }
+            }
+        }
+        if atime.is_some() || mtime.is_some() {
+            let st = sfs::lstat(up, r)?.ok_or(Errno::NOENT)?;
+            let mut t = sfs::stat_times(&st);
+            let conv = |x: TimeOrNow| -> rustix::fs::Timespec {
+                let when = match x {
+                    TimeOrNow::SpecificTime(t) => t,
+                    TimeOrNow::Now => SystemTime::now(),
+                };
+                let d = when.duration_since(UNIX_EPOCH).unwrap_or_default();
+                rustix::fs::Timespec {
+                    tv_sec: d.as_secs() as i64,
+                    tv_nsec: d.subsec_nanos() as _,
+                }
+            };
+            if let Some(a) = atime {
+                t.last_access = conv(a);
+            }
+            if let Some(m) = mtime {
+                t.last_modification = conv(m);
+            }
+            sfs::set_times(up, r, &t)?;
+        }
+        let f = self.found(&node)?;
+        self.attr(ino.0, &node.path, &f)
+    }
+
+    fn do_readlink(&self, ino: INodeNo) -> Res<Vec<u8>> {
+        let node = self.node(ino)?;
+        let f = self.found(&node)?;
+        let level = self.level(&node.path, false);
+        if level < Level::Read {
+            return Err(refuse(level));
+        }
+        if f.kind() != FileType::Symlink {
+            return Err(Errno::INVAL);
+        }
+        let root = if f.layer == Layer::Base {
+            self.layers.base()
+        } else {
+            None
+        };
+        let t = sfs::readlink(root.unwrap_or(self.layers.upper()), rel(&node.path))?;
+        Ok(t.as_bytes().to_vec())
+    }
+
+    fn do_mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32) -> Res<FileAttr> {
+        let kind = FileType::from_raw_mode(mode);
+        if !matches!(
+            kind,
+            FileType::RegularFile | FileType::Fifo | FileType::Socket
+        ) {
+            // Device nodes are never created through the fence (the mount is nodev, and
+            // character devices are the delta's whiteouts).
+            return Err(Errno::PERM);
+        }
+        let _g = self.ns_write()?;
+        let parent = self.node(parent)?;
+        let (path, _) = self.prepare_create(&parent, name, false)?;
+        sfs::mknod(self.layers.upper(), rel(&path), kind, mode & 0o7777, 0)?;
+        self.finish_create(req, &parent, &path)
+    }
+
+    fn do_mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32) -> Res<FileAttr> {
+        let _g = self.ns_write()?;
+        let parent = self.node(parent)?;
+        let (path, replaced) = self.prepare_create(&parent, name, true)?;
+        let r = rel(&path);
+        sfs::mkdir(self.layers.upper(), r, mode & 0o7777)?;
+        if replaced {
+            self.layers.set_opaque(r)?;
+        }
+        self.finish_create(req, &parent, &path)
+    }
+
+    fn do_symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        target: &Path,
+    ) -> Res<FileAttr> {
+        let _g = self.ns_write()?;
+        let parent = self.node(parent)?;
+        let (path, _) = self.prepare_create(&parent, name, false)?;
+        sfs::symlink(self.layers.upper(), target.as_os_str(), rel(&path))?;
+        self.finish_create(req, &parent, &path)
+    }
+
+    fn do_remove(&self, parent: INodeNo, name: &OsStr, dir: bool) -> Res<()> {
+        let _g = self.ns_write()?;
+        let parent = self.node(parent)?;
+        let name = valid_name(name)?;
+        let (path, found) = self.child(&parent, name)?;
+        let f = found.ok_or(Errno::NOENT)?;
+        self.need_write(&path, f.is_dir())?;
+        match (dir, f.is_dir()) {
+            (true, false) => return Err(Errno::NOTDIR),
+            (false, true) => return Err(Errno::ISDIR),
+            (true, true) => {
+                // Empty as the container sees it: hidden entries do not count, and stay in
+                // the base.
+                if !self.visible_children(&path, &f)?.is_empty() {
+                    return Err(Errno::NOTEMPTY);
+                }
+                if !self.layers.cow() && !self.layers.list(rel(&path), &f)?.is_empty() {
+                    // In place, removing the directory would delete what the container
+                    // cannot see.
+                    return Err(Errno::NOTEMPTY);
+                }
+            }
+            _ => {}
+        }
+        self.layers.remove(rel(&path), &f)?;
+        if let Ok(mut nodes) = self.nodes.lock() {
+            nodes.removed(&path);
+        }
+        Ok(())
+    }
+
+    fn do_rename(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: FRenameFlags,
+    ) -> Res<()> {
+        let _g = self.ns_write()?;
+        let p1 = self.node(parent)?;
+        let p2 = self.node(newparent)?;
+        let n1 = valid_name(name)?;
+        let n2 =
+            valid_name(newname).map_err(|e| if e == Errno::NOENT { Errno::ACCESS } else { e })?;
+        let (from, src) = self.child(&p1, n1)?;
+        let src = src.ok_or(Errno::NOENT)?;
+        self.need_write(&from, src.is_dir())?;
+        let (to, dst) = self.child(&p2, n2)?;
+        self.need_create(&to, src.is_dir())?;
+        if dst.is_none() {
+            // A hidden entry at the destination is never replaced or revealed.
+            let hidden_there = self.layers.find(rel(&to), p2.merge_base)?.is_some();
+            if hidden_there {
+                return Err(Errno::ACCESS);
+            }
+        }
+        if from == to {
+            return Ok(());
+        }
+        let exchange = flags.contains(FRenameFlags::RENAME_EXCHANGE);
+        let noreplace = flags.contains(FRenameFlags::RENAME_NOREPLACE);
+        if flags.contains(FRenameFlags::RENAME_WHITEOUT) {
+            return Err(Errno::INVAL);
+        }
+        if noreplace && dst.is_some() {
+            return Err(Errno::EXIST);
+        }
+        if exchange {
+            let dst = dst.ok_or(Errno::NOENT)?;
+            self.need_write(&to, dst.is_dir())?;
+            return self.exchange(&from, &src, &to, &dst);
+        }
+        if let Some(d) = &dst {
+            self.need_write(&to, d.is_dir())?;
+            match (src.is_dir(), d.is_dir()) {
+                (true, false) => return Err(Errno::NOTDIR),
+                (false, true) => return Err(Errno::ISDIR),
+                (true, true) if !self.visible_children(&to, d)?.is_empty() => {
+                    return Err(Errno::NOTEMPTY)
+                }
+                _ => {}
+            }
+        }
+        let (rf, rt) = (rel(&from), rel(&to));
+        if src.is_dir() {
+            if self.layers.has_base_content(&src) {
+                // Tools fall back to copying, which the policy checks file by file.
+                return Err(Errno::XDEV);
+            }
+            for (sub, is_dir) in self.layers.upper_subtree(rf)? {
+                if self.level(&format!("{to}/{sub}"), is_dir) != Level::Write {
+                    return Err(Errno::XDEV);
+                }
+            }
+        } else {
+            self.layers.copy_up(rf)?;
+        }
+        if self.layers.cow() {
+            let (pdir, _) = sfs::split(rt);
+            self.layers.ensure_upper_dir(pdir)?;
+            if let Some(d) = &dst {
+                if d.is_dir() {
+                    if d.layer == Layer::Upper {
+                        sfs::remove_tree(self.layers.upper(), rt)?;
+                    }
+                } else if d.layer == Layer::Upper {
+                    sfs::unlink(self.layers.upper(), rt, false)?;
+                }
+            }
+            self.layers.clear_whiteout(rt)?;
+            sfs::rename(self.layers.upper(), rf, rt, sfs::RenameFlags::NOREPLACE)?;
+            let dst_in_base = dst.as_ref().is_some_and(|d| d.in_base);
+            if src.is_dir() && dst_in_base {
+                self.layers.set_opaque(rt)?;
+            }
+            if src.in_base {
+                self.layers.whiteout(rf)?;
+            }
+        } else {
+            let fl = if noreplace {
+                sfs::RenameFlags::NOREPLACE
+            } else {
+                sfs::RenameFlags::empty()
+            };
+            sfs::rename(self.layers.upper(), rf, rt, fl)?;
+        }
+        if let Ok(mut nodes) = self.nodes.lock() {
+            nodes.renamed(&from, &to);
+        }
+        Ok(())
+    }
+
+    fn exchange(&self, from: &str, src: &Found, to: &str, dst: &Found) -> Res<()> {
+        for (p, f) in [(from, src), (to, dst)] {
+            if f.is_dir() && self.layers.has_base_content(f) {
+                return Err(Errno::XDEV);
+            }
+            if f.is_dir() {
+                let other = if p == from { to } else { from };
+                for (sub, is_dir) in self.layers.upper_subtree(rel(p))? {
+                    if self.level(&format!("{other}/{sub}"), is_dir) != Level::Write {
+                        return Err(Errno::XDEV);
+                    }
+                }
+            } else {
+                self.layers.copy_up(rel(p))?;
+            }
+        }
+        sfs::rename(
+            self.layers.upper(),
+            rel(from),
+            rel(to),
+            sfs::RenameFlags::EXCHANGE,
+        )?;
+        if let Ok(mut nodes) = self.nodes.lock() {
+            nodes.exchanged(from, to);
+        }
+        Ok(())
+    }
+
+    fn do_link(&self, ino: INodeNo, newparent: INodeNo, newname: &OsStr) -> Res<FileAttr> {
+        let _g = self.ns_write()?;
+        let node = self.node(ino)?;
+        let src = self.found(&node)?;
+        if src.is_dir() {
+            return Err(Errno::PERM);
+        }
+        self.need_write(&node.path, false)?;
+        let parent = self.node(newparent)?;
+        let (path, _) = self.prepare_create(&parent, newname, false)?;
+        self.layers.copy_up(rel(&node.path))?;
+        sfs::link(self.layers.upper(), rel(&node.path), rel(&path))?;
+        let f = self
+            .layers
+            .find(rel(&path), parent.merge_base)?
+            .ok_or(Errno::NOENT)?;
+        self.entry(&parent, &path, &f)
+    }
+
+    fn do_open(&self, ino: INodeNo, flags: OpenFlags) -> Res<u64> {
+        let node = self.node(ino)?;
+        let f = self.found(&node)?;
+        let writing = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        let level = self.level(&node.path, f.is_dir());
+        let needed = if writing { Level::Write } else { Level::Read };
+        if level < needed {
+            return Err(refuse(level));
+        }
+        if f.kind() != FileType::RegularFile {
+            // FIFOs and sockets are served by the kernel; device nodes never.
+            return Err(Errno::ACCESS);
+        }
+        let r = rel(&node.path);
+        let mut layer = f.layer;
+        if writing {
+            let _g = self.ns_read()?;
+            self.layers.copy_up(r)?;
+            layer = Layer::Upper;
+        }
+        let keep = libc::O_ACCMODE | libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME;
+        let oflags = OFlags::from_bits_retain((flags.0 & keep) as _);
+        let fd = self.layers.open_file(r, layer, oflags)?;
+        self.new_fh(Handle::File(fd))
+    }
+
+    fn do_create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> Res<(FileAttr, u64)> {
+        let _g = self.ns_write()?;
+        let parent = self.node(parent)?;
+        let (path, _) = self.prepare_create(&parent, name, false)?;
+        let r = rel(&path);
+        let keep = libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC;
+        let fd = sfs::open_beneath(
+            self.layers.upper(),
+            r,
+            OFlags::from_bits_retain((flags & keep) as _) | OFlags::CREATE | OFlags::EXCL,
+            Mode::from_raw_mode(mode & 0o7777),
+        )?;
+        let attr = self.finish_create(req, &parent, &path)?;
+        let fh = self.new_fh(Handle::File(fd))?;
+        Ok((attr, fh))
+    }
+
+    fn do_opendir(&self, ino: INodeNo) -> Res<u64> {
+        let node = self.node(ino)?;
+        let f = self.found(&node)?;
+        if !f.is_dir() {
+            return Err(Errno::NOTDIR);
+        }
+        if !self.policy.decide(&node.path, true).visible() {
+            return Err(Errno::NOENT);
+        }
+        // The listing is taken once, at open: offsets are positions in it, so they count only
+        // what the container sees.
+        let children = self.visible_children(&node.path, &f)?;
+        let parent_ino = {
+            let (pp, _) = node.path.rsplit_once('/').unwrap_or(("", ""));
+            let pp = if pp.is_empty() { "/" } else { pp };
+            self.nodes
+                .lock()
+                .ok()
+                .and_then(|n| n.ino_of(pp))
+                .unwrap_or(ROOT)
+        };
+        let mut entries = vec![
+            (ino.0, FType::Directory, ".".into()),
+            (parent_ino, FType::Directory, "..".into()),
+        ];
+        let mut nodes = self.nodes.lock().map_err(|_| Errno::IO)?;
+        for (name, ft, cp) in children {
+            let kind = ftype(ft);
+            let child_ino = match nodes.ino_of(&cp) {
+                Some(i) => i,
+                None => nodes.upsert(&cp, kind, false, f.merge_base, false),
+            };
+            entries.push((child_ino, kind, name.into()));
+        }
+        drop(nodes);
+        self.new_fh(Handle::Dir(entries))
+    }
+
+    fn xattr_target(&self, ino: INodeNo, need: Level) -> Res<(Node, Found)> {
+        let node = self.node(ino)?;
+        let f = self.found(&node)?;
+        let level = self.level(&node.path, f.is_dir());
+        if level < need {
+            return Err(refuse(level));
+        }
+        Ok((node, f))
+    }
+
+    fn layer_root(&self, f: &Found) -> std::os::fd::BorrowedFd<'_> {
+        match f.layer {
+            Layer::Base => self.layers.base().unwrap_or(self.layers.upper()),
+            Layer::Upper => self.layers.upper(),
+        }
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, size: u32, data: Res<Vec<u8>>) {
+    match data {
+        Err(e) => reply.error(ferr(e)),
+        Ok(d) if size == 0 => reply.size(d.len() as u32),
+        Ok(d) if d.len() > size as usize => reply.error(FErrno::ERANGE),
+        Ok(d) => reply.data(&d),
+    }
+}
+
+impl Filesystem for Fence {
+    fn init(&mut self, _req: &Request, _config: &mut KernelConfig) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.do_lookup(parent, name) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if let Ok(mut n) = self.nodes.lock() {
+            n.forget(ino.0, nlookup);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.do_getattr(ino) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.do_readlink(ino) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.do_mknod(req, parent, name, mode) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.do_mkdir(req, parent, name, mode) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.do_remove(parent, name, false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.do_remove(parent, name, true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        match self.do_symlink(req, parent, link_name, target) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: FRenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_rename(parent, name, newparent, newname, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        match self.do_link(ino, newparent, newname) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_open(ino, flags) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let r = self.with_file(fh, |fd| {
+            let mut buf = vec![0u8; size as usize];
+            let n = rustix::io::pread(fd, &mut buf[..], offset)?;
+            buf.truncate(n);
+            Ok(buf)
+        });
+        match r {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.with_file(fh, |fd| rustix::io::pwrite(fd, data, offset)) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Ok(mut h) = self.handles.lock() {
+            h.remove(&fh.0);
+        }
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.with_file(fh, |fd| {
+            if datasync {
+                rustix::fs::fdatasync(fd)
+            } else {
+                rustix::fs::fsync(fd)
+            }
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_opendir(ino) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Ok(handles) = self.handles.lock() else {
+            return reply.error(FErrno::EIO);
+        };
+        let Some(Handle::Dir(entries)) = handles.get(&fh.0) else {
+            return reply.error(FErrno::EBADF);
+        };
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _f: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        if let Ok(mut h) = self.handles.lock() {
+            h.remove(&fh.0);
+        }
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _d: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match sfs::statvfs(self.layers.upper()) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| {
+            let (node, _) = self.xattr_target(ino, Level::Write)?;
+            if is_private_xattr(name) {
+                return Err(Errno::PERM);
+            }
+            let r = rel(&node.path);
+            self.layers.copy_up(r)?;
+            sfs::set_xattr(self.layers.upper(), r, name, value, flags)
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let r = (|| {
+            // POSIX ACLs are permission metadata, visible at `view` like the mode bits (so
+            // that `ls -l` works there); every other attribute value is content.
+            let acl = name.as_bytes().starts_with(b"system.posix_acl_");
+            let need = if acl { Level::View } else { Level::Read };
+            let (node, f) = self.xattr_target(ino, need)?;
+            if is_private_xattr(name) {
+                return Err(Errno::NODATA);
+            }
+            sfs::get_xattr(self.layer_root(&f), rel(&node.path), name)
+        })();
+        reply_xattr(reply, size, r);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let r = (|| {
+            // Attribute names are metadata, like file names.
+            let (node, f) = self.xattr_target(ino, Level::View)?;
+            let names = sfs::list_xattr(self.layer_root(&f), rel(&node.path))?;
+            let mut out = Vec::new();
+            for n in names.iter().filter(|n| !is_private_xattr(n)) {
+                out.extend_from_slice(n.as_bytes());
+                out.push(0);
+            }
+            Ok(out)
+        })();
+        reply_xattr(reply, size, r);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = (|| {
+            let (node, _) = self.xattr_target(ino, Level::Write)?;
+            if is_private_xattr(name) {
+                return Err(Errno::NODATA);
+            }
+            let r = rel(&node.path);
+            self.layers.copy_up(r)?;
+            sfs::remove_xattr(self.layers.upper(), r, name)
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let r = (|| {
+            let node = self.node(ino)?;
+            let f = self.found(&node)?;
+            let level = self.level(&node.path, f.is_dir());
+            if !self.policy.decide(&node.path, f.is_dir()).visible() {
+                return Err(Errno::NOENT);
+            }
+            let need = if mask.contains(AccessFlags::W_OK) {
+                Level::Write
+            } else if mask.contains(AccessFlags::R_OK) && !f.is_dir() {
+                Level::Read
+            } else {
+                Level::View
+            };
+            if level < need {
+                return Err(Errno::ACCESS);
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.do_create(req, parent, name, mode, flags) {
+            Ok((attr, fh)) => reply.created(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.with_file(fh, |fd| {
+            let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as _);
+            rustix::fs::fallocate(fd, flags, offset, length)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+}
+
+// The fence is served from several threads.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Fence>();
+};

@@ -1,0 +1,368 @@
+//! Fencing at `create` and tearing it down at `delete`.
+//!
+//! At create, before libcontainer sees the bundle: read the container's fencing request (a bad
+//! one stops the create: a container is never created unfenced), plan one fence per workspace
+//! path, start a daemon for each and wait until its mount is live, then rewrite `config.json`
+//! so the workspaces come from the fences. Any failure on the way undoes what was done.
+//!
+//! The container's state directory (`<state_dir>/containers/<id>/`) holds:
+//! `fence.json` (what is running: daemons, mounts, layers), `upper/<key>/` (the delta of each
+//! workspace, kept across delete and re-create under the same id), `mnt/<key>/` (mount
+//! points), `daemon-<key>.json` and `daemon-<key>.log`.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use libcontainer::oci_spec::runtime::Spec;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::AdminConfig;
+use crate::fence::daemon::{self, DaemonConfig, DaemonHandle};
+use crate::policy::{from_spec, AuditLevel, DeltaMode, FenceRequest};
+use crate::splice;
+
+/// One fenced workspace path, as recorded in `fence.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkspaceRecord {
+    pub dest: String,
+    pub base: PathBuf,
+    pub upper: PathBuf,
+    pub mountpoint: PathBuf,
+    pub daemon: Option<DaemonHandle>,
+}
+
+/// `fence.json`: what the runtime set up for a container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FenceRecord {
+    pub container_id: String,
+    /// The runtime's `--root` that created it (ids are only unique per root).
+    pub runtime_root: PathBuf,
+    pub workspaces: Vec<WorkspaceRecord>,
+    pub delta: DeltaMode,
+    pub audit: AuditLevel,
+    pub policy: String,
+    pub policy_sha256: String,
+    pub live: bool,
+}
+
+/// The container's state directory.
+pub fn container_state_dir(admin: &AdminConfig, id: &str) -> PathBuf {
+    admin.state_dir.join("containers").join(id)
+}
+
+fn mkdir_private(p: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)
+        .with_context(|| format!("failed to create {}", p.display()))
+}
+
+/// A stable directory name for a workspace path.
+fn key(dest: &str) -> String {
+    let h = Sha256::digest(dest.as_bytes());
+    let name: String = dest
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .take(32)
+        .collect();
+    format!("{name}-{:02x}{:02x}{:02x}{:02x}", h[0], h[1], h[2], h[3])
+}
+
+fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(v)?)
+        .with_context(|| format!("failed to write {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("failed to write {}", path.display()))
+}
+
+/// Reads a container's fence record, if it was fenced.
+pub fn read_record(admin: &AdminConfig, id: &str) -> Result<Option<FenceRecord>> {
+    let path = container_state_dir(admin, id).join("fence.json");
+    match fs::read_to_string(&path) {
+        Ok(t) => Ok(Some(
+            serde_json::from_str(&t).with_context(|| format!("invalid {}", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("failed to read {}", path.display())),
+    }
+}
+
+/// A fence set up for a create in progress. `abort` undoes it; dropping it keeps it.
+pub struct Prepared {
+    config_path: PathBuf,
+    original_config: Vec<u8>,
+    admin: AdminConfig,
+    id: String,
+}
+
+impl Prepared {
+    /// Undoes everything: daemons stopped, mounts gone, `config.json` as it was.
+    pub fn abort(self) {
+        let _ = fs::write(&self.config_path, &self.original_config);
+        if let Err(e) = teardown(&self.admin, &self.id) {
+            tracing::warn!("undoing the fence of {}: {e:#}", self.id);
+        }
+    }
+}
+
+/// Loads the administrator's settings (`--agentfense-config`), or the defaults.
+pub fn admin_config(path: Option<&Path>) -> Result<AdminConfig> {
+    match path {
+        Some(p) => AdminConfig::load(p),
+        None => Ok(AdminConfig::default()),
+    }
+}
+
+/// The fencing request of the bundle's spec, if any (errors are policy errors, for the user).
+pub fn request_of(spec: &Spec, admin: &AdminConfig) -> Result<Option<FenceRequest>> {
+    let annotations: HashMap<String, String> = spec.annotations().clone().unwrap_or_default();
+    let env: Vec<String> = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.env().clone())
+        .unwrap_or_default();
+    from_spec(&annotations, &env, admin, &|name| {
+        admin.read_named_policy(name)
+    })
+    .map_err(|e| anyhow!("agentfense: {e}"))
+}
+
+/// Sets up fencing for container `id` of `bundle`, if its spec asks for it.
+pub fn prepare(
+    id: &str,
+    bundle: &Path,
+    admin: &AdminConfig,
+    runtime_root: &Path,
+) -> Result<Option<Prepared>> {
+    let config_path = bundle.join("config.json");
+    let original_config = fs::read(&config_path)
+        .with_context(|| format!("failed to read {}", config_path.display()))?;
+    let spec: Spec = serde_json::from_slice(&original_config)
+        .with_context(|| format!("invalid {}", config_path.display()))?;
+    let Some(req) = request_of(&spec, admin)? else {
+        return Ok(None);
+    };
+    if matches!(req.delta, DeltaMode::Commit | DeltaMode::Discard) {
+        bail!(
+            "agentfense: agentfense.io/delta={} is not available yet; use keep or off",
+            req.delta
+        );
+    }
+    let plans = splice::plan(&spec, bundle, &req.workspaces).context("agentfense")?;
+    let cdir = container_state_dir(admin, id);
+    mkdir_private(&cdir)?;
+    // A previous incarnation under this id that was never deleted (a crash): clean it first,
+    // unless another engine's container owns it.
+    if let Some(old) = read_record(admin, id)? {
+        if old.live
+            && old.runtime_root != runtime_root
+            && old
+                .workspaces
+                .iter()
+                .any(|w| w.daemon.as_ref().is_some_and(daemon::is_our_daemon))
+        {
+            bail!(
+                "agentfense: container id {id} is already fenced under {}",
+                old.runtime_root.display()
+            );
+        }
+        teardown(admin, id)?;
+    }
+    let mut record = FenceRecord {
+        container_id: id.to_string(),
+        runtime_root: runtime_root.to_path_buf(),
+        workspaces: Vec::new(),
+        delta: req.delta,
+        audit: req.audit,
+        policy: req.policy_json.clone(),
+        policy_sha256: req.policy_sha256.clone(),
+        live: true,
+    };
+    let prepared = Prepared {
+        config_path: config_path.clone(),
+        original_config,
+        admin: admin.clone(),
+        id: id.to_string(),
+    };
+    match start_fences(&cdir, id, &plans, &req, &mut record) {
+        Ok(mountpoints) => {
+            let env = (!req.remove_env.is_empty()).then(|| {
+                let env = spec
+                    .process()
+                    .as_ref()
+                    .and_then(|p| p.env().clone())
+                    .unwrap_or_default();
+                req.filter_env(&env)
+            });
+            let rewritten = splice::rewrite(&spec, &plans, &mountpoints, env)?;
+            let tmp = config_path.with_extension("json.agentfense-tmp");
+            fs::write(&tmp, serde_json::to_vec(&rewritten)?)
+                .and_then(|_| fs::rename(&tmp, &config_path))
+                .with_context(|| format!("failed to rewrite {}", config_path.display()))
+                .inspect_err(|_| {
+                    let _ = teardown(admin, id);
+                })?;
+            Ok(Some(prepared))
+        }
+        Err(e) => {
+            let _ = write_json(&cdir.join("fence.json"), &record);
+            prepared.abort();
+            Err(e)
+        }
+    }
+}
+
+fn start_fences(
+    cdir: &Path,
+    id: &str,
+    plans: &[splice::FencePlan],
+    req: &FenceRequest,
+    record: &mut FenceRecord,
+) -> Result<Vec<PathBuf>> {
+    let exe = PathBuf::from("/proc/self/exe");
+    let mut mountpoints = Vec::new();
+    for p in plans {
+        let k = key(&p.dest);
+        if p.in_rootfs && !p.base.exists() {
+            fs::create_dir_all(&p.base)
+                .with_context(|| format!("failed to create {} in the image", p.dest))?;
+        }
+        let meta = fs::symlink_metadata(&p.base)
+            .with_context(|| format!("agentfense: workspace {}: {}", p.dest, p.base.display()))?;
+        if !meta.is_dir() {
+            bail!(
+                "agentfense: workspace {} ({}) is not a directory",
+                p.dest,
+                p.base.display()
+            );
+        }
+        let (base, upper) = if req.delta == DeltaMode::Off {
+            (None, p.base.clone())
+        } else {
+            let upper = cdir.join("upper").join(&k);
+            mkdir_private(&upper)?;
+            fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+            (Some(p.base.clone()), upper)
+        };
+        let mountpoint = cdir.join("mnt").join(&k);
+        mkdir_private(&mountpoint)?;
+        let cfg = DaemonConfig {
+            container_id: id.to_string(),
+            base,
+            upper: upper.clone(),
+            mountpoint: mountpoint.clone(),
+            policy: req.policy_json.clone(),
+            read_only: p.read_only,
+            threads: 4,
+        };
+        let cfg_path = cdir.join(format!("daemon-{k}.json"));
+        write_json(&cfg_path, &cfg)?;
+        record.workspaces.push(WorkspaceRecord {
+            dest: p.dest.clone(),
+            base: p.base.clone(),
+            upper,
+            mountpoint: mountpoint.clone(),
+            daemon: None,
+        });
+        let handle = daemon::spawn(&exe, &cfg_path, &cfg, &cdir.join(format!("daemon-{k}.log")))
+            .with_context(|| format!("agentfense: workspace {}", p.dest))?;
+        if let Some(w) = record.workspaces.last_mut() {
+            w.daemon = Some(handle);
+        }
+        write_json(&cdir.join("fence.json"), &*record)?;
+        mountpoints.push(mountpoint);
+    }
+    Ok(mountpoints)
+}
+
+/// Tears down container `id`'s fences: daemons stopped, mounts gone, the delta kept.
+/// Idempotent; a container that was never fenced is fine.
+pub fn teardown(admin: &AdminConfig, id: &str) -> Result<()> {
+    let Some(mut record) = read_record(admin, id)? else {
+        return Ok(());
+    };
+    let mut first_err = None;
+    for w in &mut record.workspaces {
+        let r = match &w.daemon {
+            Some(h) => daemon::stop(h),
+            None => daemon::unmount(&w.mountpoint),
+        };
+        match r {
+            Ok(()) => {
+                w.daemon = None;
+                let _ = fs::remove_dir(&w.mountpoint);
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    record.live = false;
+    write_json(&container_state_dir(admin, id).join("fence.json"), &record)?;
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_stable_distinct_and_safe() {
+        assert_eq!(key("/workspace"), key("/workspace"));
+        assert_ne!(key("/a/b"), key("/a_b"));
+        assert!(key("/../x")
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+    }
+
+    #[test]
+    fn unfenced_bundle_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = serde_json::json!({
+            "ociVersion": "1.0.2", "root": {"path": "rootfs"},
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin"]},
+        });
+        fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+        let admin = AdminConfig {
+            state_dir: dir.path().join("state"),
+            ..Default::default()
+        };
+        assert!(prepare("c1", dir.path(), &admin, Path::new("/run/x"))
+            .unwrap()
+            .is_none());
+        assert!(!dir.path().join("state").exists());
+        assert_eq!(
+            fs::read_to_string(dir.path().join("config.json")).unwrap(),
+            cfg.to_string()
+        );
+    }
+
+    #[test]
+    fn bad_policy_refuses_the_create_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = serde_json::json!({
+            "ociVersion": "1.0.2", "root": {"path": "rootfs"},
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin"]},
+            "annotations": {"agentfense.io/preset": "agent-unsafe"},
+        });
+        fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+        let admin = AdminConfig {
+            state_dir: dir.path().join("state"),
+            ..Default::default()
+        };
+        let err = prepare("c1", dir.path(), &admin, Path::new("/run/x"))
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("agent-unsafe"), "{err:#}");
+        assert!(!dir.path().join("state").exists());
+    }
+}

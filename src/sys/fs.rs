@@ -1,0 +1,465 @@
+//! File-descriptor-relative file system access for the fence.
+//!
+//! Every path handed to these functions is relative to a layer root held open as an `O_PATH`
+//! directory, and is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+//! RESOLVE_NO_MAGICLINKS)`: a symlink anywhere on the way (planted by the host or swapped in
+//! during a race) fails the call with `ELOOP` instead of leading outside the layer. Final
+//! components are never followed (`O_NOFOLLOW`, `AT_SYMLINK_NOFOLLOW`). Built on rustix's safe
+//! wrappers: no `unsafe` here.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use rustix::fs::{AtFlags, ResolveFlags, Timespec};
+pub use rustix::fs::{FileType, Mode, OFlags, RenameFlags, Stat, StatVfs, Timestamps};
+pub use rustix::io::Errno;
+
+/// Result type of this module: errors are raw errnos, ready for a FUSE reply.
+pub type Res<T> = Result<T, Errno>;
+
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+/// Opens a layer root (a host directory given by the runtime, not by a container).
+pub fn open_root(path: &std::path::Path) -> Res<OwnedFd> {
+    rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Opens `rel` beneath `root`. `rel` is `"."` for the root itself.
+pub fn open_beneath(root: BorrowedFd<'_>, rel: &str, flags: OFlags, mode: Mode) -> Res<OwnedFd> {
+    loop {
+        match rustix::fs::openat2(
+            root,
+            rel,
+            flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            mode,
+            RESOLVE,
+        ) {
+            // The kernel asks callers to retry when a rename raced with the walk.
+            Err(Errno::AGAIN) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Splits `a/b/c` into (`a/b`, `c`); a single component has parent `"."`.
+pub fn split(rel: &str) -> (&str, &str) {
+    match rel.rfind('/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => (".", rel),
+    }
+}
+
+/// Joins a relative directory and a name.
+pub fn join(dir: &str, name: &str) -> String {
+    if dir == "." || dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// The parent directory of `rel`, opened `O_PATH`, and the final name.
+pub fn parent_of<'a>(root: BorrowedFd<'_>, rel: &'a str) -> Res<(OwnedFd, &'a str)> {
+    let (dir, name) = split(rel);
+    let fd = open_beneath(root, dir, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
+    Ok((fd, name))
+}
+
+/// `lstat` of `rel` beneath `root`; `None` when it does not exist.
+pub fn lstat(root: BorrowedFd<'_>, rel: &str) -> Res<Option<Stat>> {
+    let r = if rel == "." {
+        rustix::fs::fstat(root)
+    } else {
+        match parent_of(root, rel) {
+            Ok((dir, name)) => rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW),
+            Err(e) => Err(e),
+        }
+    };
+    match r {
+        Ok(st) => Ok(Some(st)),
+        Err(Errno::NOENT) | Err(Errno::NOTDIR) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The file type of a `Stat`.
+pub fn file_type(st: &Stat) -> FileType {
+    FileType::from_raw_mode(st.st_mode)
+}
+
+/// Reads a directory's entries (without `.` and `..`): name and, when the file system says,
+/// its type.
+pub fn read_dir(root: BorrowedFd<'_>, rel: &str) -> Res<Vec<(OsString, FileType)>> {
+    let fd = open_beneath(root, rel, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+    let mut dir = rustix::fs::Dir::read_from(&fd)?;
+    let mut out = Vec::new();
+    while let Some(entry) = dir.read() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let mut ft = entry.file_type();
+        if ft == FileType::Unknown {
+            ft = match rustix::fs::statat(&fd, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => file_type(&st),
+                Err(_) => continue,
+            };
+        }
+        out.push((OsStr::from_bytes(name).to_os_string(), ft));
+    }
+    Ok(out)
+}
+
+/// `stat` of an entry found by `read_dir` (to tell whiteouts from real character devices).
+pub fn lstat_in_dir(root: BorrowedFd<'_>, dir: &str, name: &OsStr) -> Res<Stat> {
+    let fd = open_beneath(root, dir, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
+    rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW)
+}
+
+/// Creates a directory.
+pub fn mkdir(root: BorrowedFd<'_>, rel: &str, mode: u32) -> Res<()> {
+    let (dir, name) = parent_of(root, rel)?;
+    rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(mode))
+}
+
+/// Creates a special file (FIFO, socket, character device for whiteouts) or empty regular file.
+pub fn mknod(root: BorrowedFd<'_>, rel: &str, kind: FileType, mode: u32, dev: u64) -> Res<()> {
+    let (dir, name) = parent_of(root, rel)?;
+    rustix::fs::mknodat(&dir, name, kind, Mode::from_raw_mode(mode), dev)
+}
+
+/// Creates a symlink holding `target` as written.
+pub fn symlink(root: BorrowedFd<'_>, target: &OsStr, rel: &str) -> Res<()> {
+    let (dir, name) = parent_of(root, rel)?;
+    rustix::fs::symlinkat(target, &dir, name)
+}
+
+/// Reads a symlink's target.
+pub fn readlink(root: BorrowedFd<'_>, rel: &str) -> Res<OsString> {
+    let (dir, name) = parent_of(root, rel)?;
+    let target = rustix::fs::readlinkat(&dir, name, Vec::new())?;
+    Ok(OsStr::from_bytes(target.as_bytes()).to_os_string())
+}
+
+/// Removes a file (`dir` false) or an empty directory (`dir` true).
+pub fn unlink(root: BorrowedFd<'_>, rel: &str, dir: bool) -> Res<()> {
+    let (parent, name) = parent_of(root, rel)?;
+    let flags = if dir {
+        AtFlags::REMOVEDIR
+    } else {
+        AtFlags::empty()
+    };
+    rustix::fs::unlinkat(&parent, name, flags)
+}
+
+/// Removes `rel` and everything beneath it, never following a symlink.
+pub fn remove_tree(root: BorrowedFd<'_>, rel: &str) -> Res<()> {
+    let Some(st) = lstat(root, rel)? else {
+        return Ok(());
+    };
+    if file_type(&st) == FileType::Directory {
+        for (name, _) in read_dir(root, rel)? {
+            let child = join(rel, &name.to_string_lossy());
+            if name.to_str().is_none() {
+                // Names that are not UTF-8 cannot be joined losslessly: remove through the dir.
+                let dir = open_beneath(root, rel, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
+                let st = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW)?;
+                let flags = if file_type(&st) == FileType::Directory {
+                    AtFlags::REMOVEDIR
+                } else {
+                    AtFlags::empty()
+                };
+                rustix::fs::unlinkat(&dir, &name, flags)?;
+                continue;
+            }
+            remove_tree(root, &child)?;
+        }
+        unlink(root, rel, true)
+    } else {
+        unlink(root, rel, false)
+    }
+}
+
+/// `renameat2` within one layer.
+pub fn rename(root: BorrowedFd<'_>, from: &str, to: &str, flags: RenameFlags) -> Res<()> {
+    let (a, an) = parent_of(root, from)?;
+    let (b, bn) = parent_of(root, to)?;
+    rustix::fs::renameat_with(&a, an, &b, bn, flags)
+}
+
+/// A hard link within one layer.
+pub fn link(root: BorrowedFd<'_>, from: &str, to: &str) -> Res<()> {
+    let (a, an) = parent_of(root, from)?;
+    let (b, bn) = parent_of(root, to)?;
+    rustix::fs::linkat(&a, an, &b, bn, AtFlags::empty())
+}
+
+/// Changes owner without following a final symlink.
+pub fn lchown(root: BorrowedFd<'_>, rel: &str, uid: Option<u32>, gid: Option<u32>) -> Res<()> {
+    let fd = open_beneath(root, rel, OFlags::PATH, Mode::empty())?;
+    rustix::fs::chownat(
+        &fd,
+        "",
+        uid.map(rustix::fs::Uid::from_raw),
+        gid.map(rustix::fs::Gid::from_raw),
+        AtFlags::EMPTY_PATH,
+    )
+}
+
+/// Changes mode (not for symlinks, whose mode Linux does not keep).
+pub fn chmod(root: BorrowedFd<'_>, rel: &str, mode: u32) -> Res<()> {
+    let (dir, name) = parent_of(root, rel)?;
+    rustix::fs::chmodat(&dir, name, Mode::from_raw_mode(mode), AtFlags::empty())
+}
+
+/// Sets access and modification times without following a final symlink.
+pub fn set_times(root: BorrowedFd<'_>, rel: &str, times: &Timestamps) -> Res<()> {
+    if rel == "." {
+        let fd = open_beneath(root, ".", OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+        return rustix::fs::futimens(&fd, times);
+    }
+    let (dir, name) = parent_of(root, rel)?;
+    rustix::fs::utimensat(&dir, name, times, AtFlags::SYMLINK_NOFOLLOW)
+}
+
+/// Timestamps as `utimensat` takes them, from a `Stat`.
+pub fn stat_times(st: &Stat) -> Timestamps {
+    Timestamps {
+        last_access: Timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec as _,
+        },
+        last_modification: Timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec as _,
+        },
+    }
+}
+
+/// The path under which the kernel reaches an open descriptor's file (for the xattr calls,
+/// which take no `O_PATH` descriptor).
+fn proc_fd_path(fd: BorrowedFd<'_>) -> String {
+    use std::os::fd::AsRawFd;
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+/// Reads an extended attribute of `rel` (never following a final symlink).
+pub fn get_xattr(root: BorrowedFd<'_>, rel: &str, name: &OsStr) -> Res<Vec<u8>> {
+    let fd = open_beneath(root, rel, OFlags::PATH, Mode::empty())?;
+    let p = proc_fd_path(fd.as_fd());
+    let size = rustix::fs::getxattr_query(p.as_str(), name)?;
+    let mut buf = vec![0u8; size];
+    let n = rustix::fs::getxattr(p.as_str(), name, &mut buf[..])?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Lists extended attribute names of `rel`.
+pub fn list_xattr(root: BorrowedFd<'_>, rel: &str) -> Res<Vec<OsString>> {
+    let fd = open_beneath(root, rel, OFlags::PATH, Mode::empty())?;
+    let p = proc_fd_path(fd.as_fd());
+    let size = rustix::fs::listxattr_query(p.as_str())?;
+    let mut buf = vec![0u8; size];
+    let n = rustix::fs::listxattr(p.as_str(), &mut buf[..])?;
+    buf.truncate(n);
+    Ok(buf
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| OsStr::from_bytes(n).to_os_string())
+        .collect())
+}
+
+/// Sets an extended attribute of `rel`.
+pub fn set_xattr(
+    root: BorrowedFd<'_>,
+    rel: &str,
+    name: &OsStr,
+    value: &[u8],
+    flags: i32,
+) -> Res<()> {
+    let fd = open_beneath(root, rel, OFlags::PATH, Mode::empty())?;
+    let p = proc_fd_path(fd.as_fd());
+    let flags = rustix::fs::XattrFlags::from_bits_retain(flags as _);
+    rustix::fs::setxattr(p.as_str(), name, value, flags)
+}
+
+/// Removes an extended attribute of `rel`.
+pub fn remove_xattr(root: BorrowedFd<'_>, rel: &str, name: &OsStr) -> Res<()> {
+    let fd = open_beneath(root, rel, OFlags::PATH, Mode::empty())?;
+    let p = proc_fd_path(fd.as_fd());
+    rustix::fs::removexattr(p.as_str(), name)
+}
+
+/// File system statistics of a layer.
+pub fn statvfs(root: BorrowedFd<'_>) -> Res<StatVfs> {
+    rustix::fs::fstatvfs(root)
+}
+
+/// Creates an unnamed file in directory `dir` (`O_TMPFILE`); it gets a name only through
+/// [`link_tmpfile`], so a half-written copy is never visible.
+pub fn tmpfile_in(root: BorrowedFd<'_>, dir: &str, mode: u32) -> Res<OwnedFd> {
+    open_beneath(
+        root,
+        dir,
+        OFlags::TMPFILE | OFlags::RDWR,
+        Mode::from_raw_mode(mode),
+    )
+}
+
+/// Gives an `O_TMPFILE` file its name.
+pub fn link_tmpfile(fd: BorrowedFd<'_>, root: BorrowedFd<'_>, rel: &str) -> Res<()> {
+    let (dir, name) = parent_of(root, rel)?;
+    rustix::fs::linkat(fd, "", &dir, name, AtFlags::EMPTY_PATH)
+}
+
+/// Copies all of `from` into `to` (both regular files), from offset 0.
+pub fn copy_contents(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> Res<()> {
+    let len = rustix::fs::fstat(from)?.st_size as u64;
+    let mut off_in = 0u64;
+    let mut off_out = 0u64;
+    while off_in < len {
+        let chunk = (len - off_in).min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), chunk) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(Errno::XDEV) | Err(Errno::NOSYS) | Err(Errno::INVAL) => {
+                return copy_by_reading(from, to, off_in);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn copy_by_reading(from: BorrowedFd<'_>, to: BorrowedFd<'_>, mut off: u64) -> Res<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = rustix::io::pread(from, &mut buf[..], off)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut done = 0;
+        while done < n {
+            done += rustix::io::pwrite(to, &buf[done..n], off + done as u64)?;
+        }
+        off += n as u64;
+    }
+}
+
+/// Copies extended attributes from one open file to another, skipping names `skip` refuses
+/// and the ones the target file system does not take.
+pub fn copy_xattrs(
+    root_from: BorrowedFd<'_>,
+    rel_from: &str,
+    to: BorrowedFd<'_>,
+    skip: &dyn Fn(&OsStr) -> bool,
+) -> Res<()> {
+    let names = match list_xattr(root_from, rel_from) {
+        Ok(n) => n,
+        Err(Errno::NOTSUP) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let to_path = proc_fd_path(to);
+    for name in names {
+        if skip(&name) {
+            continue;
+        }
+        let value = match get_xattr(root_from, rel_from, &name) {
+            Ok(v) => v,
+            Err(Errno::NODATA) => continue,
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::setxattr(
+            to_path.as_str(),
+            &name,
+            &value,
+            rustix::fs::XattrFlags::empty(),
+        ) {
+            Ok(()) | Err(Errno::NOTSUP) | Err(Errno::PERM) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn split_and_join() {
+        assert_eq!(split("a/b/c"), ("a/b", "c"));
+        assert_eq!(split("a"), (".", "a"));
+        assert_eq!(join(".", "a"), "a");
+        assert_eq!(join("a/b", "c"), "a/b/c");
+    }
+
+    #[test]
+    fn symlinks_on_the_way_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(dir.path().join("outside"), b"secret").unwrap();
+        std::os::unix::fs::symlink(dir.path(), root.join("escape")).unwrap();
+        std::os::unix::fs::symlink("../outside", root.join("d/link")).unwrap();
+        let fd = open_root(&root).unwrap();
+        // A symlinked directory on the way: ELOOP, never the host's file.
+        assert_eq!(
+            open_beneath(fd.as_fd(), "escape/outside", OFlags::RDONLY, Mode::empty()).unwrap_err(),
+            Errno::LOOP
+        );
+        // `..` cannot climb out.
+        assert_eq!(
+            open_beneath(fd.as_fd(), "../outside", OFlags::RDONLY, Mode::empty()).unwrap_err(),
+            Errno::XDEV
+        );
+        // A final symlink is not followed.
+        assert!(open_beneath(fd.as_fd(), "d/link", OFlags::RDONLY, Mode::empty()).is_err());
+        // lstat sees the link itself.
+        let st = lstat(fd.as_fd(), "d/link").unwrap().unwrap();
+        assert_eq!(file_type(&st), FileType::Symlink);
+        assert_eq!(readlink(fd.as_fd(), "d/link").unwrap(), "../outside");
+        assert!(lstat(fd.as_fd(), "missing").unwrap().is_none());
+    }
+
+    #[test]
+    fn tmpfile_copy_and_link() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("src"), b"hello world").unwrap();
+        let fd = open_root(dir.path()).unwrap();
+        let src = open_beneath(fd.as_fd(), "src", OFlags::RDONLY, Mode::empty()).unwrap();
+        let tmp = tmpfile_in(fd.as_fd(), ".", 0o600).unwrap();
+        copy_contents(src.as_fd(), tmp.as_fd()).unwrap();
+        assert_eq!(read_dir(fd.as_fd(), ".").unwrap().len(), 1);
+        link_tmpfile(tmp.as_fd(), fd.as_fd(), "dst").unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("dst")).unwrap(),
+            b"hello world"
+        );
+    }
+
+    #[test]
+    fn remove_tree_does_not_follow_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = dir.path().join("keep");
+        std::fs::create_dir(&keep).unwrap();
+        std::fs::write(keep.join("f"), b"x").unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("t/u")).unwrap();
+        std::fs::write(root.join("t/u/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(&keep, root.join("t/link")).unwrap();
+        let fd = open_root(&root).unwrap();
+        remove_tree(fd.as_fd(), "t").unwrap();
+        assert!(!root.join("t").exists());
+        assert!(keep.join("f").exists());
+    }
+}

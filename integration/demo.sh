@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# `make demo`: registers the installed agentfense-runc with Docker and runs a container with it.
-# Today this shows the runtime standing in for runc; the fenced workspace (hidden .env, refused
-# writes, audit trail) is the fence issue's part of the demo and is added to this script there.
+# `make demo`: a fenced container over a sample repository, through Docker.
+# Registers the installed agentfense-runc as Docker runtime `agentfense`, builds a small repo
+# with secrets, sources and an output/ directory, and runs an "agent" in a container with the
+# agent-safe preset: secrets do not exist for it, sources are read-only, output/ is writable,
+# and its writes land in its own delta, not in the repository.
 set -euo pipefail
 BIN="${AGENTFENSE_BIN:-/usr/local/bin/agentfense-runc}"
 DOCKER=/usr/bin/docker
 IMAGE=agentfense-test/busybox:latest
 here=$(dirname "$(readlink -f "$0")")
+demo=/tmp/agentfense-demo
+repo=$demo/repo
 
-# Register the runtime (merge into daemon.json, keep a backup, reload dockerd).
 python3 "$here/register_docker.py" agentfense "$BIN"
 
 if ! $DOCKER image inspect "$IMAGE" >/dev/null 2>&1; then
@@ -21,7 +24,51 @@ if ! $DOCKER image inspect "$IMAGE" >/dev/null 2>&1; then
     rm -rf "$root" "$root.tar"
 fi
 
-echo "== docker run --runtime=agentfense $IMAGE"
-$DOCKER run --rm --runtime=agentfense "$IMAGE" sh -c 'echo "hello from a container run by agentfense-runc"; uname -sr'
-echo "== the reason a container failed reaches the user:"
-$DOCKER run --rm --runtime=agentfense "$IMAGE" /nonexistent || echo "(exit code $?)"
+rm -rf "$demo"
+mkdir -p "$repo"/{src,tests,output,credentials,.git}
+cat > "$repo/.env" <<'EOF'
+OPENAI_API_KEY=sk-live-do-not-leak
+DATABASE_URL=postgres://admin:hunter2@db/prod
+EOF
+echo "-----BEGIN PRIVATE KEY-----" > "$repo/deploy.pem"
+echo "secret" > "$repo/signing.key"
+echo '{"aws_secret_access_key": "abc"}' > "$repo/credentials/aws.json"
+echo "[core]" > "$repo/.git/config"
+cat > "$repo/src/app.py" <<'EOF'
+import os
+
+def main():
+    # TODO: read the key from the environment, not from .env
+    return os.environ.get("OPENAI_API_KEY")
+EOF
+printf 'def test_app():\n    # TODO: real test\n    assert True\n' > "$repo/tests/test_app.py"
+echo "# Sample service" > "$repo/README.md"
+
+name=agentfense-demo-$$
+echo
+echo "== the agent's view of $repo (docker run --runtime=agentfense -e AGENTFENSE_PRESET=agent-safe)"
+set +e
+$DOCKER run --name "$name" --runtime=agentfense -e AGENTFENSE_PRESET=agent-safe \
+    -v "$repo:/workspace" -w /workspace "$IMAGE" sh -c '
+run() { echo; echo "\$ $*"; sh -c "$*" 2>&1; }
+run ls -a
+run cat .env
+run cat credentials/aws.json
+run "find . -name \"*.key\" -o -name \"*.pem\""
+run grep -rn TODO .
+run "echo hacked >> src/app.py"
+run "echo \"2 TODOs found\" > output/report.txt && cat output/report.txt"
+'
+set -e
+id=$($DOCKER inspect -f '{{.Id}}' "$name")
+$DOCKER rm "$name" >/dev/null
+echo
+echo "== on the host"
+echo "\$ ls -A $repo/output"
+if [ -z "$(ls -A "$repo/output")" ]; then echo "(empty: the repository itself is untouched)"; else ls -A "$repo/output"; fi
+upper=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["workspaces"][0]["upper"])' \
+    "/var/lib/agentfense/containers/$id/fence.json")
+echo "\$ find $upper   # the container's writes, kept in its own delta"
+find "$upper" -mindepth 1
+echo
+echo "No fence mount or daemon is left: $(grep -c agentfense /proc/mounts || true) mounts, $(pgrep -fc fence-daemon || true) daemons."

@@ -8,7 +8,7 @@ set -euo pipefail
 
 STATE=/run/agentfense-test-host
 PKGS=(docker.io containerd runc podman fuse3 libseccomp-dev pkg-config busybox-static
-      bindfs fuse-overlayfs jq rsync iptables uidmap slirp4netns conmon)
+      bindfs fuse-overlayfs jq rsync iptables uidmap slirp4netns conmon gcc libc6-dev)
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then echo "host.sh: must run as root" >&2; exit 1; fi

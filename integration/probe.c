@@ -18,9 +18,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/xattr.h>
 #include <unistd.h>
+#include <linux/fs.h>
+
+static int renameat2_(const char *a, const char *b, unsigned flags) {
+    return (int)syscall(SYS_renameat2, AT_FDCWD, a, AT_FDCWD, b, flags);
+}
 
 static const char *ename(int e) {
     switch (e) {
@@ -88,6 +95,23 @@ static int run(const char *op, const char *path, const char *arg) {
     if (!strcmp(op, "rmdir")) return R(rmdir(path));
     if (!strcmp(op, "rename")) return R(rename(path, arg));
     if (!strcmp(op, "link")) return R(link(path, arg));
+    if (!strcmp(op, "exchange")) return R(renameat2_(path, arg, RENAME_EXCHANGE));
+    if (!strcmp(op, "noreplace")) return R(renameat2_(path, arg, RENAME_NOREPLACE));
+    if (!strcmp(op, "statfs")) { struct statfs s; return R(statfs(path, &s)); }
+    if (!strcmp(op, "fsync")) {
+        int fd = open(path, O_WRONLY);
+        if (fd < 0) return errno;
+        int e = fsync(fd) < 0 ? errno : 0;
+        close(fd);
+        return e;
+    }
+    if (!strcmp(op, "fallocate")) {
+        int fd = open(path, O_WRONLY);
+        if (fd < 0) return errno;
+        int e = posix_fallocate(fd, 0, 4096);
+        close(fd);
+        return e;
+    }
     if (!strcmp(op, "access_r")) return R(access(path, R_OK));
     if (!strcmp(op, "access_w")) return R(access(path, W_OK));
     if (!strcmp(op, "listed")) {

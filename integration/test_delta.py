@@ -1,0 +1,167 @@
+"""The delta layer and the finer points of the fence, from inside a container: copy-up keeps
+what it should, deletions and re-creations, renames (EXDEV, RENAME_EXCHANGE, RENAME_NOREPLACE),
+ownership of new files, stable inode numbers, host changes showing through, delta=off.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+from conftest import DOCKER, IMAGE, sh, unique, wait_for
+from test_fence import no_leftovers, probe, tree_digest  # noqa: F401  (probe is a fixture)
+
+FULL = [{"pattern": "**", "permission": "write"},
+        {"pattern": "**/.env", "permission": "none", "priority": 100},
+        {"pattern": "/ro/**", "permission": "read", "priority": 50}]
+
+
+def start(repo, probe, policy=FULL, env=()):
+    name = unique()
+    args = [DOCKER, "run", "-d", "--name", name, "--runtime", "agentfense",
+            "-e", "AGENTFENSE_POLICY=" + json.dumps(policy)]
+    for e in env:
+        args += ["-e", e]
+    sh([*args, "-v", f"{repo}:/w", "-v", f"{probe}:/probe:ro", IMAGE, "sleep", "1000"], check=True)
+    return name
+
+
+def ex(name, script, user="0:0"):
+    return sh([DOCKER, "exec", "-u", user, name, "sh", "-c", script])
+
+
+def upper_of(name):
+    cid = sh([DOCKER, "inspect", "-f", "{{.Id}}", name], check=True).stdout.strip()
+    rec = json.loads((Path("/var/lib/agentfense/containers") / cid / "fence.json").read_text())
+    return Path(rec["workspaces"][0]["upper"])
+
+
+def test_copy_up_keeps_metadata_and_base_is_untouched(docker_engine, image, probe, tmp_path, cleanup_docker):
+    repo = tmp_path / "repo"
+    (repo / "d").mkdir(parents=True)
+    f = repo / "d" / "f.txt"
+    f.write_text("original\n")
+    os.chmod(f, 0o640)
+    os.chown(f, 1234, 4321)
+    os.setxattr(f, "user.origin", b"kept")
+    os.utime(f, (1_000_000_000, 1_000_000_000))
+    digest = tree_digest(repo)
+    name = start(repo, probe)
+    cleanup_docker.append(name)
+    p = ex(name, "echo more >> /w/d/f.txt && stat -c '%a %u %g %Y' /w/d/f.txt && cat /w/d/f.txt")
+    assert p.returncode == 0, p.stderr
+    mode, uid, gid, _mtime = p.stdout.splitlines()[0].split()
+    assert (mode, uid, gid) == ("640", "1234", "4321")
+    assert p.stdout.splitlines()[1:] == ["original", "more"]
+    up = upper_of(name) / "d" / "f.txt"
+    st = up.stat()
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o640, 1234, 4321)
+    assert os.getxattr(up, "user.origin") == b"kept"
+    # Our bookkeeping attribute is neither visible nor settable from inside.
+    p = ex(name, "/probe -a 'setxattr /w/d/f.txt'")
+    assert p.stdout.strip() == "setxattr /w/d/f.txt ok"
+    assert tree_digest(repo) == digest
+    sh([DOCKER, "rm", "-f", name], check=True)
+    no_leftovers()
+
+
+def test_delete_recreate_and_bookkeeping_names(docker_engine, image, probe, tmp_path, cleanup_docker):
+    repo = tmp_path / "repo"
+    (repo / "d" / "sub").mkdir(parents=True)
+    (repo / "d" / "old.txt").write_text("old\n")
+    (repo / "d" / "sub" / "x").write_text("x\n")
+    (repo / "d" / ".env").write_text("hidden\n")
+    digest = tree_digest(repo)
+    name = start(repo, probe)
+    cleanup_docker.append(name)
+    # A directory whose remaining entries are all hidden is empty to the container.
+    p = ex(name, "rm -rf /w/d && ls -a /w && mkdir /w/d && ls -a /w/d && "
+                 "touch /w/.wh.README /w/.wh..wh..opq && ls -a /w")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == ".\n..\n.\n..\n.\n..\n.wh..wh..opq\n.wh.README\nd\n"
+    assert (repo / "d" / ".env").read_text() == "hidden\n"
+    assert tree_digest(repo) == digest
+    sh([DOCKER, "rm", "-f", name], check=True)
+    no_leftovers()
+
+
+def test_renames(docker_engine, image, probe, tmp_path, cleanup_docker):
+    repo = tmp_path / "repo"
+    (repo / "basedir").mkdir(parents=True)
+    (repo / "basedir" / "f").write_text("f\n")
+    (repo / "a").write_text("a\n")
+    (repo / "b").write_text("b\n")
+    (repo / "ro").mkdir()
+    (repo / "ro" / "r").write_text("r\n")
+    digest = tree_digest(repo)
+    name = start(repo, probe)
+    cleanup_docker.append(name)
+    ex(name, "mkdir -p /w/newdir/sub && echo n > /w/newdir/sub/n")
+    p = ex(name, "/probe -a 'rename /w/basedir /w/moved' 'rename /w/newdir /w/moved2' "
+                 "'rename /w/newdir /w/ro/x' 'exchange /w/a /w/b' 'noreplace /w/a /w/b' "
+                 "'noreplace /w/a /w/c' 'rename /w/c /w/.env' 'rename /w/ro/r /w/r2' "
+                 "'statfs /w' 'fsync /w/b' 'fallocate /w/b'; cat /w/a /w/b /w/moved2/sub/n")
+    assert p.stdout.splitlines() == [
+        "rename /w/basedir EXDEV",      # a directory holding base content
+        "rename /w/newdir ok",          # a directory made in the container
+        "rename /w/newdir ENOENT",      # (it moved)
+        "exchange /w/a ok",
+        "noreplace /w/a EEXIST",
+        "noreplace /w/a ok",
+        "rename /w/c EACCES",           # onto a hidden name
+        "rename /w/ro/r EACCES",        # away from a read-only path
+        "statfs /w ok",
+        "fsync /w/b ok",
+        "fallocate /w/b ok",
+        "a",
+        "n",
+    ], p.stdout + p.stderr
+    assert tree_digest(repo) == digest
+    sh([DOCKER, "rm", "-f", name], check=True)
+    no_leftovers()
+
+
+def test_new_files_belong_to_their_creator(docker_engine, image, probe, tmp_path, cleanup_docker):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    os.chmod(repo, 0o777)
+    name = start(repo, probe)
+    cleanup_docker.append(name)
+    p = ex(name, "echo hi > /w/mine && mkdir /w/mydir && stat -c '%u %g' /w/mine /w/mydir", user="1000:1000")
+    assert p.stdout == "1000 1000\n1000 1000\n", p.stderr
+    st = (upper_of(name) / "mine").stat()
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+    sh([DOCKER, "rm", "-f", name], check=True)
+    no_leftovers()
+
+
+def test_inode_numbers_stable_and_host_changes_show(docker_engine, image, probe, tmp_path, cleanup_docker):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "f").write_text("v1\n")
+    name = start(repo, probe)
+    cleanup_docker.append(name)
+    first = ex(name, "stat -c %i /w/f").stdout
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")
+    time.sleep(1.5)
+    assert ex(name, "stat -c %i /w/f").stdout == first
+    # The host changes an unmodified file, and adds one: both show within about a second.
+    (repo / "f").write_text("v2, longer\n")
+    (repo / "g").write_text("new\n")
+    wait_for(lambda: ex(name, "cat /w/f /w/g").stdout == "v2, longer\nnew\n",
+             "host changes to show through", timeout=5)
+    sh([DOCKER, "rm", "-f", name], check=True)
+    no_leftovers()
+
+
+def test_delta_off_writes_through(docker_engine, image, probe, tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "out").mkdir(parents=True)
+    (repo / ".env").write_text("s\n")
+    p = sh([DOCKER, "run", "--rm", "--runtime", "agentfense", "-e", "AGENTFENSE_PRESET=development",
+            "-e", "AGENTFENSE_DELTA=off", "-v", f"{repo}:/workspace", IMAGE, "sh", "-c",
+            "echo built > /workspace/out/a; cat /workspace/.env; ls -a /workspace"])
+    assert p.stdout == ".\n..\nout\n"
+    assert (repo / "out" / "a").read_text() == "built\n"
+    assert (repo / ".env").read_text() == "s\n"
+    no_leftovers()

@@ -19,7 +19,7 @@ FULL = [{"pattern": "**", "permission": "write"},
 def start(repo, probe, policy=FULL, env=()):
     name = unique()
     args = [DOCKER, "run", "-d", "--name", name, "--runtime", "agentfense",
-            "-e", "AGENTFENSE_POLICY=" + json.dumps(policy)]
+            "-e", "AGENTFENSE_POLICY=" + json.dumps(policy), "-e", "AGENTFENSE_WORKSPACE=/w"]
     for e in env:
         args += ["-e", e]
     sh([*args, "-v", f"{repo}:/w", "-v", f"{probe}:/probe:ro", IMAGE, "sleep", "1000"], check=True)
@@ -100,7 +100,8 @@ def test_renames(docker_engine, image, probe, tmp_path, cleanup_docker):
     p = ex(name, "/probe -a 'rename /w/basedir /w/moved' 'rename /w/newdir /w/moved2' "
                  "'rename /w/newdir /w/ro/x' 'exchange /w/a /w/b' 'noreplace /w/a /w/b' "
                  "'noreplace /w/a /w/c' 'rename /w/c /w/.env' 'rename /w/ro/r /w/r2' "
-                 "'statfs /w' 'fsync /w/b' 'fallocate /w/b'; cat /w/a /w/b /w/moved2/sub/n")
+                 "'statfs /w' 'fsync /w/b' 'fallocate /w/b'; cat /w/c /w/moved2/sub/n; "
+                 "head -c 2 /w/b; wc -c < /w/b")
     assert p.stdout.splitlines() == [
         "rename /w/basedir EXDEV",      # a directory holding base content
         "rename /w/newdir ok",          # a directory made in the container
@@ -113,8 +114,10 @@ def test_renames(docker_engine, image, probe, tmp_path, cleanup_docker):
         "statfs /w ok",
         "fsync /w/b ok",
         "fallocate /w/b ok",
-        "a",
+        "b",                            # a and b exchanged, then a moved to c
         "n",
+        "a",
+        "4096",                         # fallocate extended b
     ], p.stdout + p.stderr
     assert tree_digest(repo) == digest
     sh([DOCKER, "rm", "-f", name], check=True)

@@ -40,12 +40,21 @@ def podman_value(v):
     return '"' + v.replace('"', '""') + '"' if any(c in v for c in '",') else v
 
 
+def fence_mounts_and_daemons():
+    mounts = {l.split()[1] for l in Path("/proc/mounts").read_text().splitlines() if "agentfense" in l}
+    daemons = set(sh(["pgrep", "-f", "fence-daemon"]).stdout.split())
+    return mounts, daemons
+
+
+# Fences that were there before the tests (someone else's) are not the tests' leftovers.
+BEFORE = fence_mounts_and_daemons()
+
+
 def no_leftovers():
-    """No fence mount and no fence daemon on the host."""
+    """No fence mount and no fence daemon left on the host by the tests."""
     def clean():
-        mounts = [l for l in Path("/proc/mounts").read_text().splitlines() if "agentfense" in l]
-        daemons = sh(["pgrep", "-f", "fence-daemon"]).stdout.split()
-        return not mounts and not daemons
+        mounts, daemons = fence_mounts_and_daemons()
+        return mounts <= BEFORE[0] and daemons <= BEFORE[1]
     wait_for(clean, "fence mounts and daemons to go away", timeout=15)
 
 
@@ -281,6 +290,19 @@ def test_two_workspaces(docker_engine, image, tmp_path):
     no_leftovers()
 
 
+def test_workspace_that_is_not_there_is_refused(docker_engine, image, tmp_path):
+    """A repository mounted elsewhere than the workspace path must not run unfenced while an
+    empty /workspace is fenced instead."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / ".env").write_text("s\n")
+    p = sh([DOCKER, "run", "--rm", "--runtime", "agentfense", "-e", "AGENTFENSE_PRESET=agent-safe",
+            "-v", f"{repo}:/code", IMAGE, "cat", "/code/.env"])
+    assert p.returncode != 0 and p.stdout == ""
+    assert "workspace /workspace is neither a bind mount" in p.stderr, p.stderr
+    no_leftovers()
+
+
 def test_unfenced_container_gets_no_fence(docker_engine, image, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -338,7 +360,7 @@ def test_killed_daemon_fails_closed_and_delete_cleans_up(docker_engine, image, t
     sh([DOCKER, "run", "-d", "--name", name, "--runtime", "agentfense", "-e",
         "AGENTFENSE_PRESET=read-only", "-v", f"{repo}:/workspace", IMAGE, "sleep", "1000"], check=True)
     assert sh([DOCKER, "exec", name, "cat", "/workspace/a.txt"]).stdout == "a\n"
-    for pid in sh(["pgrep", "-f", "fence-daemon"]).stdout.split():
+    for pid in fence_mounts_and_daemons()[1] - BEFORE[1]:
         os.kill(int(pid), 9)
     p = sh([DOCKER, "exec", name, "cat", "/workspace/a.txt"])
     assert p.returncode != 0 and p.stdout == ""

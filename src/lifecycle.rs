@@ -229,12 +229,17 @@ fn start_fences(
     let mut mountpoints = Vec::new();
     for p in plans {
         let k = key(&p.dest);
-        if p.in_rootfs && !p.base.exists() {
-            fs::create_dir_all(&p.base)
-                .with_context(|| format!("failed to create {} in the image", p.dest))?;
-        }
-        let meta = fs::symlink_metadata(&p.base)
-            .with_context(|| format!("agentfense: workspace {}: {}", p.dest, p.base.display()))?;
+        // A workspace that is neither a bind mount nor a directory of the image is most likely
+        // a repository mounted somewhere else: fencing an empty directory instead would leave
+        // the real one unfenced, so refuse.
+        let meta = fs::symlink_metadata(&p.base).map_err(|_| {
+            anyhow!(
+                "agentfense: workspace {} is neither a bind mount's destination nor a directory \
+                 of the image; mount the directory to fence there, or name its path in \
+                 agentfense.io/workspace (AGENTFENSE_WORKSPACE)",
+                p.dest
+            )
+        })?;
         if !meta.is_dir() {
             bail!(
                 "agentfense: workspace {} ({}) is not a directory",

@@ -6,7 +6,9 @@ use agentfense::config::AdminConfig;
 use agentfense::policy::Level;
 
 fn example(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("config-examples").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config-examples")
+        .join(name)
 }
 
 #[test]
@@ -27,6 +29,12 @@ fn admin_config_example_loads_and_its_floor_hides_secrets() {
 fn docker_daemon_example_registers_the_runtime() {
     let text = std::fs::read_to_string(example("docker-daemon.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["runtimes"]["agentfense"]["path"], "/usr/local/bin/agentfense-runc");
-    assert_eq!(v["runtimes"]["agentfense-safe"]["runtimeArgs"][0], "--agentfense-config");
+    assert_eq!(
+        v["runtimes"]["agentfense"]["path"],
+        "/usr/local/bin/agentfense-runc"
+    );
+    assert_eq!(
+        v["runtimes"]["agentfense-safe"]["runtimeArgs"][0],
+        "--agentfense-config"
+    );
 }

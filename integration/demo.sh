@@ -71,4 +71,12 @@ upper=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["workspa
 echo "\$ find $upper   # the container's writes, kept in its own delta"
 find "$upper" -mindepth 1
 echo
+echo "== the audit trail (agentfense-runc audit ${id:0:12})"
+"$BIN" audit "$id"
+echo
+"$BIN" audit verify "$id"
+echo
+echo "== what the agent touched, was refused, and never touched (agentfense-runc audit summary)"
+"$BIN" audit summary "$id"
+echo
 echo "No fence mount or daemon is left: $(grep -c agentfense /proc/mounts || true) mounts, $(pgrep -fc fence-daemon || true) daemons."

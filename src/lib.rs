@@ -3,6 +3,7 @@
 //!
 //! The binary is a thin layer (`src/main.rs`); everything testable lives here.
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod fence;

@@ -20,6 +20,7 @@ use libcontainer::oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::audit::{self, AUDIT_FILE};
 use crate::config::AdminConfig;
 use crate::fence::daemon::{self, DaemonConfig, DaemonHandle};
 use crate::policy::{from_spec, AuditLevel, DeltaMode, FenceRequest};
@@ -190,7 +191,13 @@ pub fn prepare(
         admin: admin.clone(),
         id: id.to_string(),
     };
-    match start_fences(&cdir, id, &plans, &req, &mut record) {
+    let audit_path = cdir.join(AUDIT_FILE);
+    if req.audit != AuditLevel::Off {
+        let info = audit::create_info(&req.policy, &req.workspaces, req.delta, req.audit);
+        audit::append_lifecycle(&audit_path, id, "create", info)
+            .with_context(|| format!("agentfense: failed to write {}", audit_path.display()))?;
+    }
+    match start_fences(&cdir, id, &plans, &req, admin, &mut record) {
         Ok(mountpoints) => {
             let env = (!req.remove_env.is_empty()).then(|| {
                 let env = spec
@@ -223,6 +230,7 @@ fn start_fences(
     id: &str,
     plans: &[splice::FencePlan],
     req: &FenceRequest,
+    admin: &AdminConfig,
     record: &mut FenceRecord,
 ) -> Result<Vec<PathBuf>> {
     let exe = PathBuf::from("/proc/self/exe");
@@ -265,6 +273,9 @@ fn start_fences(
             policy: req.policy_json.clone(),
             read_only: p.read_only,
             threads: 4,
+            audit_path: (req.audit != AuditLevel::Off).then(|| cdir.join(AUDIT_FILE)),
+            audit_level: req.audit,
+            audit_overflow: admin.audit_overflow,
         };
         let cfg_path = cdir.join(format!("daemon-{k}.json"));
         write_json(&cfg_path, &cfg)?;
@@ -284,6 +295,18 @@ fn start_fences(
         mountpoints.push(mountpoint);
     }
     Ok(mountpoints)
+}
+
+/// Records the container's start in its audit trail, if it is fenced and audited.
+pub fn note_start(admin: &AdminConfig, id: &str) -> Result<()> {
+    match read_record(admin, id)? {
+        Some(r) if r.live && r.audit != AuditLevel::Off => {
+            let path = container_state_dir(admin, id).join(AUDIT_FILE);
+            audit::append_lifecycle(&path, id, "start", serde_json::json!({}))
+                .with_context(|| format!("failed to write {}", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Tears down container `id`'s fences: daemons stopped, mounts gone, the delta kept.
@@ -308,8 +331,15 @@ pub fn teardown(admin: &AdminConfig, id: &str) -> Result<()> {
             }
         }
     }
+    let was_live = record.live;
     record.live = false;
-    write_json(&container_state_dir(admin, id).join("fence.json"), &record)?;
+    let cdir = container_state_dir(admin, id);
+    write_json(&cdir.join("fence.json"), &record)?;
+    if was_live && record.audit != AuditLevel::Off {
+        // After the daemons are gone: their last records and counts are in the file.
+        audit::append_delete(&cdir.join(AUDIT_FILE), id, None, serde_json::json!({}))
+            .with_context(|| format!("failed to write the delete record of {id}"))?;
+    }
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),

@@ -9,6 +9,7 @@ use liboci_cli::{CommonCmd, GlobalOpts, StandardCmd};
 
 use crate::logging::{LogFormat, Logger};
 
+pub mod audit;
 pub mod executor;
 pub mod policy;
 pub mod runtime;
@@ -75,6 +76,8 @@ pub enum Command {
     Standard(Box<StandardCmd>),
     #[command(flatten)]
     Common(Box<CommonCmd>),
+    /// Show, summarise and verify a container's audit trail.
+    Audit(audit::AuditArgs),
     /// Validate, explain and describe policies.
     Policy {
         #[command(subcommand)]
@@ -125,7 +128,7 @@ where
         let _ = Opts::command().print_help();
         return 0;
     };
-    if let Command::Policy { cmd } = cmd {
+    if matches!(cmd, Command::Policy { .. } | Command::Audit(_)) {
         let admin = match crate::lifecycle::admin_config(opts.agentfense.config.as_deref()) {
             Ok(a) => a,
             Err(e) => {
@@ -133,7 +136,12 @@ where
                 return 1;
             }
         };
-        return match policy::run(cmd, &admin) {
+        let result = match cmd {
+            Command::Audit(args) => audit::run(args, &admin),
+            Command::Policy { cmd } => policy::run(cmd, &admin),
+            _ => Ok(1),
+        };
+        return match result {
             Ok(code) => code,
             Err(e) => {
                 logger.fatal(&format!("{e:#}"));

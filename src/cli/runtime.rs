@@ -79,7 +79,7 @@ pub fn dispatch(cmd: Command, global: &GlobalOpts, agentfense: &AgentfenseOpts) 
             CommonCmd::Update(a) => update(a, &ctx).map(|_| 0),
             CommonCmd::Features(_) | CommonCmd::Spec(_) => Ok(0),
         },
-        Command::FenceDaemon { .. } | Command::Policy { .. } => {
+        Command::FenceDaemon { .. } | Command::Policy { .. } | Command::Audit(_) => {
             bail!("not a runtime command")
         }
     }
@@ -171,6 +171,8 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 
 fn start(id: &str, ctx: &Ctx) -> Result<()> {
     let mut c = load(ctx, id)?;
+    let admin = lifecycle::admin_config(ctx.agentfense.config.as_deref())?;
+    lifecycle::note_start(&admin, id)?;
     c.start()
         .map_err(|e| anyhow!(e).context(format!("failed to start container {id}")))
 }

@@ -18,7 +18,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::Fence;
-use crate::policy::{Level, Policy, Rule};
+use crate::audit::AuditLog;
+use crate::config::AuditOverflow;
+use crate::policy::{AuditLevel, Level, Policy, Rule};
 
 /// Everything a daemon needs, written by the runtime as JSON into the container's state dir.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +38,13 @@ pub struct DaemonConfig {
     /// FUSE worker threads.
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// The container's audit trail (None: audit off).
+    #[serde(default)]
+    pub audit_path: Option<PathBuf>,
+    #[serde(default)]
+    pub audit_level: AuditLevel,
+    #[serde(default)]
+    pub audit_overflow: AuditOverflow,
 }
 
 fn default_threads() -> usize {
@@ -70,7 +79,14 @@ pub fn run(config_path: &Path) -> Result<()> {
     )
     .context("invalid daemon config")?;
     let policy = policy_from_canonical(&cfg.policy)?;
-    let fence = Fence::new(policy, cfg.base.as_deref(), &cfg.upper)
+    let audit = match &cfg.audit_path {
+        Some(p) if cfg.audit_level != AuditLevel::Off => Some(
+            AuditLog::open(p, &cfg.container_id, cfg.audit_level, cfg.audit_overflow)
+                .with_context(|| format!("failed to open the audit trail {}", p.display()))?,
+        ),
+        _ => None,
+    };
+    let fence = Fence::new(policy, cfg.base.as_deref(), &cfg.upper, audit)
         .map_err(|e| anyhow!("failed to open the workspace layers: {e}"))?;
     let mut options = vec![
         fuser::MountOption::FSName(format!("agentfense:{}", cfg.container_id)),

@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod layers;
 pub mod nodes;
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
@@ -38,6 +39,7 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::audit::{AccessRecord, AuditDecision, AuditLog, Op};
 use crate::policy::{Level, Policy};
 use crate::sys::fs::{self as sfs, Errno, FileType, Mode, OFlags};
 use layers::{is_private_xattr, rel, Found, Layer, Layers};
@@ -62,11 +64,42 @@ pub struct Fence {
     ns: RwLock<()>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    audit: Option<AuditLog>,
 }
 
 enum Handle {
-    File(OwnedFd),
+    File(OwnedFd, Option<Box<OpenAudit>>),
     Dir(Vec<(u64, FType, std::ffi::OsString)>),
+}
+
+/// What an allowed open reports when it is closed.
+struct OpenAudit {
+    path: String,
+    write: bool,
+    rule: Option<usize>,
+    pid: u32,
+    uid: u32,
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+thread_local! {
+    /// The process and user of the request this FUSE worker thread is serving (for audit).
+    static WHO: Cell<(u32, u32)> = const { Cell::new((0, 0)) };
+}
+
+fn set_who(req: &Request) {
+    WHO.with(|w| w.set((req.pid(), req.uid())));
+}
+
+fn errno_name(e: Errno) -> &'static str {
+    match e {
+        Errno::NOENT => "ENOENT",
+        Errno::ACCESS => "EACCES",
+        Errno::XDEV => "EXDEV",
+        Errno::PERM => "EPERM",
+        _ => "EOTHER",
+    }
 }
 
 fn ftype(ft: FileType) -> FType {
@@ -115,7 +148,12 @@ fn valid_name(name: &OsStr) -> Res<&str> {
 
 impl Fence {
     /// A fence over `base` (None: changes in place) with changes in `upper`.
-    pub fn new(policy: Policy, base: Option<&Path>, upper: &Path) -> Res<Fence> {
+    pub fn new(
+        policy: Policy,
+        base: Option<&Path>,
+        upper: &Path,
+        audit: Option<AuditLog>,
+    ) -> Res<Fence> {
         let layers = Layers::open(base, upper)?;
         let root = layers.root_entry()?;
         Ok(Fence {
@@ -125,7 +163,44 @@ impl Fence {
             ns: RwLock::new(()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            audit,
         })
+    }
+
+    /// Reports an access to the audit trail (when one is kept and its level wants it).
+    fn note(
+        &self,
+        op: Op,
+        path: &str,
+        is_dir: bool,
+        decision: AuditDecision,
+        to: Option<&str>,
+        errno: Option<Errno>,
+    ) {
+        let Some(log) = &self.audit else { return };
+        let (pid, uid) = WHO.with(|w| w.get());
+        let rule = self.policy.decide(path, is_dir).rule;
+        let mut rec = AccessRecord::new(op, path, decision, rule, pid, uid);
+        rec.to = to.map(str::to_string);
+        rec.errno = errno.map(errno_name);
+        if log.keeps(&rec) {
+            log.access(rec);
+        }
+    }
+
+    /// Records a refusal (`ENOENT`: the path is hidden; otherwise denied) and returns it.
+    fn refused(&self, op: Op, path: &str, is_dir: bool, e: Errno) -> Errno {
+        let d = if e == Errno::NOENT {
+            AuditDecision::Hidden
+        } else {
+            AuditDecision::Deny
+        };
+        self.note(op, path, is_dir, d, None, Some(e));
+        e
+    }
+
+    fn allowed(&self, op: Op, path: &str, is_dir: bool, to: Option<&str>) {
+        self.note(op, path, is_dir, AuditDecision::Allow, to, None);
     }
 
     fn node(&self, ino: INodeNo) -> Res<Node> {
@@ -227,19 +302,19 @@ impl Fence {
     }
 
     /// The refusal, if any, for changing an existing entry at `path`.
-    fn need_write(&self, path: &str, is_dir: bool) -> Res<()> {
+    fn need_write(&self, op: Op, path: &str, is_dir: bool) -> Res<()> {
         match self.level(path, is_dir) {
             Level::Write => Ok(()),
-            l => Err(refuse(l)),
+            l => Err(self.refused(op, path, is_dir, refuse(l))),
         }
     }
 
     /// The refusal, if any, for creating something at `path` (hidden or not: `EACCES`).
-    fn need_create(&self, path: &str, is_dir: bool) -> Res<()> {
+    fn need_create(&self, op: Op, path: &str, is_dir: bool) -> Res<()> {
         if self.level(path, is_dir) == Level::Write {
             Ok(())
         } else {
-            Err(Errno::ACCESS)
+            Err(self.refused(op, path, is_dir, Errno::ACCESS))
         }
     }
 
@@ -254,11 +329,17 @@ impl Fence {
     /// Prepares creating `name` in `parent`: checks, then makes room in the upper layer.
     /// Returns the new path and whether a deleted base entry was there (so a new directory
     /// must be opaque).
-    fn prepare_create(&self, parent: &Node, name: &OsStr, is_dir: bool) -> Res<(String, bool)> {
+    fn prepare_create(
+        &self,
+        op: Op,
+        parent: &Node,
+        name: &OsStr,
+        is_dir: bool,
+    ) -> Res<(String, bool)> {
         let name =
             valid_name(name).map_err(|e| if e == Errno::NOENT { Errno::ACCESS } else { e })?;
         let path = child_path(&parent.path, name);
-        self.need_create(&path, is_dir)?;
+        self.need_create(op, &path, is_dir)?;
         let (_, existing) = self.child(parent, name)?;
         if existing.is_some() {
             return Err(Errno::EXIST);
@@ -277,7 +358,7 @@ impl Fence {
                 .is_some_and(|b| sfs::lstat(b, r).ok().flatten().is_some());
         if base_had && !had_whiteout {
             // Something hidden by the policy exists in the base there: never touch it.
-            return Err(Errno::ACCESS);
+            return Err(self.refused(op, &path, is_dir, Errno::ACCESS));
         }
         Ok((path, had_whiteout))
     }
@@ -299,10 +380,22 @@ impl Fence {
         Ok(fh)
     }
 
+    fn with_handle<T>(
+        &self,
+        fh: FileHandle,
+        f: impl FnOnce(&OwnedFd, Option<&OpenAudit>) -> Res<T>,
+    ) -> Res<T> {
+        let handles = self.handles.lock().map_err(|_| Errno::IO)?;
+        match handles.get(&fh.0) {
+            Some(Handle::File(fd, audit)) => f(fd, audit.as_deref()),
+            _ => Err(Errno::BADF),
+        }
+    }
+
     fn with_file<T>(&self, fh: FileHandle, f: impl FnOnce(&OwnedFd) -> Res<T>) -> Res<T> {
         let handles = self.handles.lock().map_err(|_| Errno::IO)?;
         match handles.get(&fh.0) {
-            Some(Handle::File(fd)) => f(fd),
+            Some(Handle::File(fd, _)) => f(fd),
             _ => Err(Errno::BADF),
         }
     }
@@ -312,7 +405,21 @@ impl Fence {
         let parent = self.node(parent)?;
         let name = valid_name(name)?;
         let (path, found) = self.child(&parent, name)?;
-        let f = found.ok_or(Errno::NOENT)?;
+        let Some(f) = found else {
+            // A probe: the container asked for a path the policy hides (whether or not it
+            // exists). Misses of visible paths are not recorded.
+            if self.audit.is_some() && !self.policy.decide(&path, true).visible() {
+                self.note(
+                    Op::Lookup,
+                    &path,
+                    false,
+                    AuditDecision::Hidden,
+                    None,
+                    Some(Errno::NOENT),
+                );
+            }
+            return Err(Errno::NOENT);
+        };
         self.entry(&parent, &path, &f)
     }
 
@@ -340,9 +447,10 @@ impl Fence {
         let _g = self.ns_read()?;
         let node = self.node(ino)?;
         let f = self.found(&node)?;
-        self.need_write(&node.path, f.is_dir())?;
+        self.need_write(Op::Setattr, &node.path, f.is_dir())?;
         let r = rel(&node.path);
         self.layers.copy_up(r)?;
+        self.allowed(Op::Setattr, &node.path, f.is_dir(), None);
         let up = self.layers.upper();
         if uid.is_some() || gid.is_some() {
             sfs::lchown(up, r, uid, gid)?;
@@ -393,11 +501,12 @@ impl Fence {
         let f = self.found(&node)?;
         let level = self.level(&node.path, false);
         if level < Level::Read {
-            return Err(refuse(level));
+            return Err(self.refused(Op::Readlink, &node.path, false, refuse(level)));
         }
         if f.kind() != FileType::Symlink {
             return Err(Errno::INVAL);
         }
+        self.allowed(Op::Readlink, &node.path, false, None);
         let root = if f.layer == Layer::Base {
             self.layers.base()
         } else {
@@ -419,20 +528,22 @@ impl Fence {
         }
         let _g = self.ns_write()?;
         let parent = self.node(parent)?;
-        let (path, _) = self.prepare_create(&parent, name, false)?;
+        let (path, _) = self.prepare_create(Op::Mknod, &parent, name, false)?;
         sfs::mknod(self.layers.upper(), rel(&path), kind, mode & 0o7777, 0)?;
+        self.allowed(Op::Mknod, &path, false, None);
         self.finish_create(req, &parent, &path)
     }
 
     fn do_mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32) -> Res<FileAttr> {
         let _g = self.ns_write()?;
         let parent = self.node(parent)?;
-        let (path, replaced) = self.prepare_create(&parent, name, true)?;
+        let (path, replaced) = self.prepare_create(Op::Mkdir, &parent, name, true)?;
         let r = rel(&path);
         sfs::mkdir(self.layers.upper(), r, mode & 0o7777)?;
         if replaced {
             self.layers.set_opaque(r)?;
         }
+        self.allowed(Op::Mkdir, &path, true, None);
         self.finish_create(req, &parent, &path)
     }
 
@@ -445,8 +556,9 @@ impl Fence {
     ) -> Res<FileAttr> {
         let _g = self.ns_write()?;
         let parent = self.node(parent)?;
-        let (path, _) = self.prepare_create(&parent, name, false)?;
+        let (path, _) = self.prepare_create(Op::Symlink, &parent, name, false)?;
         sfs::symlink(self.layers.upper(), target.as_os_str(), rel(&path))?;
+        self.allowed(Op::Symlink, &path, false, Some(&target.to_string_lossy()));
         self.finish_create(req, &parent, &path)
     }
 
@@ -455,8 +567,21 @@ impl Fence {
         let parent = self.node(parent)?;
         let name = valid_name(name)?;
         let (path, found) = self.child(&parent, name)?;
-        let f = found.ok_or(Errno::NOENT)?;
-        self.need_write(&path, f.is_dir())?;
+        let op = if dir { Op::Rmdir } else { Op::Unlink };
+        let Some(f) = found else {
+            if self.audit.is_some() && !self.policy.decide(&path, dir).visible() {
+                self.note(
+                    op,
+                    &path,
+                    dir,
+                    AuditDecision::Hidden,
+                    None,
+                    Some(Errno::NOENT),
+                );
+            }
+            return Err(Errno::NOENT);
+        };
+        self.need_write(op, &path, f.is_dir())?;
         match (dir, f.is_dir()) {
             (true, false) => return Err(Errno::NOTDIR),
             (false, true) => return Err(Errno::ISDIR),
@@ -475,6 +600,7 @@ impl Fence {
             _ => {}
         }
         self.layers.remove(rel(&path), &f)?;
+        self.allowed(op, &path, f.is_dir(), None);
         if let Ok(mut nodes) = self.nodes.lock() {
             nodes.removed(&path);
         }
@@ -497,14 +623,14 @@ impl Fence {
             valid_name(newname).map_err(|e| if e == Errno::NOENT { Errno::ACCESS } else { e })?;
         let (from, src) = self.child(&p1, n1)?;
         let src = src.ok_or(Errno::NOENT)?;
-        self.need_write(&from, src.is_dir())?;
+        self.need_write(Op::Rename, &from, src.is_dir())?;
         let (to, dst) = self.child(&p2, n2)?;
-        self.need_create(&to, src.is_dir())?;
+        self.need_create(Op::Rename, &to, src.is_dir())?;
         if dst.is_none() {
             // A hidden entry at the destination is never replaced or revealed.
             let hidden_there = self.layers.find(rel(&to), p2.merge_base)?.is_some();
             if hidden_there {
-                return Err(Errno::ACCESS);
+                return Err(self.refused(Op::Rename, &to, src.is_dir(), Errno::ACCESS));
             }
         }
         if from == to {
@@ -520,11 +646,13 @@ impl Fence {
         }
         if exchange {
             let dst = dst.ok_or(Errno::NOENT)?;
-            self.need_write(&to, dst.is_dir())?;
-            return self.exchange(&from, &src, &to, &dst);
+            self.need_write(Op::Rename, &to, dst.is_dir())?;
+            self.exchange(&from, &src, &to, &dst)?;
+            self.allowed(Op::Rename, &from, src.is_dir(), Some(&to));
+            return Ok(());
         }
         if let Some(d) = &dst {
-            self.need_write(&to, d.is_dir())?;
+            self.need_write(Op::Rename, &to, d.is_dir())?;
             match (src.is_dir(), d.is_dir()) {
                 (true, false) => return Err(Errno::NOTDIR),
                 (false, true) => return Err(Errno::ISDIR),
@@ -577,6 +705,7 @@ impl Fence {
             };
             sfs::rename(self.layers.upper(), rf, rt, fl)?;
         }
+        self.allowed(Op::Rename, &from, src.is_dir(), Some(&to));
         if let Ok(mut nodes) = self.nodes.lock() {
             nodes.renamed(&from, &to);
         }
@@ -618,11 +747,12 @@ impl Fence {
         if src.is_dir() {
             return Err(Errno::PERM);
         }
-        self.need_write(&node.path, false)?;
+        self.need_write(Op::Link, &node.path, false)?;
         let parent = self.node(newparent)?;
-        let (path, _) = self.prepare_create(&parent, newname, false)?;
+        let (path, _) = self.prepare_create(Op::Link, &parent, newname, false)?;
         self.layers.copy_up(rel(&node.path))?;
         sfs::link(self.layers.upper(), rel(&node.path), rel(&path))?;
+        self.allowed(Op::Link, &node.path, false, Some(&path));
         let f = self
             .layers
             .find(rel(&path), parent.merge_base)?
@@ -637,7 +767,23 @@ impl Fence {
         let level = self.level(&node.path, f.is_dir());
         let needed = if writing { Level::Write } else { Level::Read };
         if level < needed {
-            return Err(refuse(level));
+            let e = refuse(level);
+            if let Some(log) = &self.audit {
+                let (pid, uid) = WHO.with(|w| w.get());
+                let d = if e == Errno::NOENT {
+                    AuditDecision::Hidden
+                } else {
+                    AuditDecision::Deny
+                };
+                let rule = self.policy.decide(&node.path, f.is_dir()).rule;
+                let mut rec = AccessRecord::new(Op::Open, node.path.as_str(), d, rule, pid, uid);
+                rec.mode = Some(if writing { "write" } else { "read" });
+                rec.errno = Some(errno_name(e));
+                if log.keeps(&rec) {
+                    log.access(rec);
+                }
+            }
+            return Err(e);
         }
         if f.kind() != FileType::RegularFile {
             // FIFOs and sockets are served by the kernel; device nodes never.
@@ -653,7 +799,29 @@ impl Fence {
         let keep = libc::O_ACCMODE | libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME;
         let oflags = OFlags::from_bits_retain((flags.0 & keep) as _);
         let fd = self.layers.open_file(r, layer, oflags)?;
-        self.new_fh(Handle::File(fd))
+        let audit = self.open_audit(&node.path, writing);
+        self.new_fh(Handle::File(fd, audit))
+    }
+
+    /// The record an allowed open makes at close, if the audit level keeps it.
+    fn open_audit(&self, path: &str, write: bool) -> Option<Box<OpenAudit>> {
+        let log = self.audit.as_ref()?;
+        let (pid, uid) = WHO.with(|w| w.get());
+        let rule = self.policy.decide(path, false).rule;
+        let mut probe = AccessRecord::new(Op::Open, path, AuditDecision::Allow, rule, pid, uid);
+        probe.mode = Some(if write { "write" } else { "read" });
+        if !log.keeps(&probe) {
+            return None;
+        }
+        Some(Box::new(OpenAudit {
+            path: path.to_string(),
+            write,
+            rule,
+            pid,
+            uid,
+            read: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+        }))
     }
 
     fn do_create(
@@ -666,7 +834,7 @@ impl Fence {
     ) -> Res<(FileAttr, u64)> {
         let _g = self.ns_write()?;
         let parent = self.node(parent)?;
-        let (path, _) = self.prepare_create(&parent, name, false)?;
+        let (path, _) = self.prepare_create(Op::Create, &parent, name, false)?;
         let r = rel(&path);
         let keep = libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC;
         let fd = sfs::open_beneath(
@@ -676,7 +844,9 @@ impl Fence {
             Mode::from_raw_mode(mode & 0o7777),
         )?;
         let attr = self.finish_create(req, &parent, &path)?;
-        let fh = self.new_fh(Handle::File(fd))?;
+        self.allowed(Op::Create, &path, false, None);
+        let audit = self.open_audit(&path, true);
+        let fh = self.new_fh(Handle::File(fd, audit))?;
         Ok((attr, fh))
     }
 
@@ -687,8 +857,9 @@ impl Fence {
             return Err(Errno::NOTDIR);
         }
         if !self.policy.decide(&node.path, true).visible() {
-            return Err(Errno::NOENT);
+            return Err(self.refused(Op::Opendir, &node.path, true, Errno::NOENT));
         }
+        self.allowed(Op::Opendir, &node.path, true, None);
         // The listing is taken once, at open: offsets are positions in it, so they count only
         // what the container sees.
         let children = self.visible_children(&node.path, &f)?;
@@ -718,12 +889,12 @@ impl Fence {
         self.new_fh(Handle::Dir(entries))
     }
 
-    fn xattr_target(&self, ino: INodeNo, need: Level) -> Res<(Node, Found)> {
+    fn xattr_target(&self, op: Op, ino: INodeNo, need: Level) -> Res<(Node, Found)> {
         let node = self.node(ino)?;
         let f = self.found(&node)?;
         let level = self.level(&node.path, f.is_dir());
         if level < need {
-            return Err(refuse(level));
+            return Err(self.refused(op, &node.path, f.is_dir(), refuse(level)));
         }
         Ok((node, f))
     }
@@ -750,7 +921,8 @@ impl Filesystem for Fence {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        set_who(req);
         match self.do_lookup(parent, name) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(ferr(e)),
@@ -772,7 +944,7 @@ impl Filesystem for Fence {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -788,13 +960,15 @@ impl Filesystem for Fence {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        set_who(req);
         match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        set_who(req);
         match self.do_readlink(ino) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(ferr(e)),
@@ -811,6 +985,7 @@ impl Filesystem for Fence {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
+        set_who(req);
         match self.do_mknod(req, parent, name, mode) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(ferr(e)),
@@ -826,20 +1001,23 @@ impl Filesystem for Fence {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        set_who(req);
         match self.do_mkdir(req, parent, name, mode) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        set_who(req);
         match self.do_remove(parent, name, false) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        set_who(req);
         match self.do_remove(parent, name, true) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(ferr(e)),
@@ -854,6 +1032,7 @@ impl Filesystem for Fence {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        set_who(req);
         match self.do_symlink(req, parent, link_name, target) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(ferr(e)),
@@ -862,7 +1041,7 @@ impl Filesystem for Fence {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -870,6 +1049,7 @@ impl Filesystem for Fence {
         flags: FRenameFlags,
         reply: ReplyEmpty,
     ) {
+        set_who(req);
         match self.do_rename(parent, name, newparent, newname, flags) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(ferr(e)),
@@ -878,19 +1058,21 @@ impl Filesystem for Fence {
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        set_who(req);
         match self.do_link(ino, newparent, newname) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        set_who(req);
         match self.do_open(ino, flags) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(ferr(e)),
@@ -908,10 +1090,13 @@ impl Filesystem for Fence {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let r = self.with_file(fh, |fd| {
+        let r = self.with_handle(fh, |fd, audit| {
             let mut buf = vec![0u8; size as usize];
             let n = rustix::io::pread(fd, &mut buf[..], offset)?;
             buf.truncate(n);
+            if let Some(a) = audit {
+                a.read.fetch_add(n as u64, Ordering::Relaxed);
+            }
             Ok(buf)
         });
         match r {
@@ -932,7 +1117,14 @@ impl Filesystem for Fence {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.with_file(fh, |fd| rustix::io::pwrite(fd, data, offset)) {
+        let r = self.with_handle(fh, |fd, audit| {
+            let n = rustix::io::pwrite(fd, data, offset)?;
+            if let Some(a) = audit {
+                a.written.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Ok(n)
+        });
+        match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(ferr(e)),
         }
@@ -959,8 +1151,14 @@ impl Filesystem for Fence {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Ok(mut h) = self.handles.lock() {
-            h.remove(&fh.0);
+        let handle = self.handles.lock().ok().and_then(|mut h| h.remove(&fh.0));
+        if let (Some(Handle::File(_, Some(a))), Some(log)) = (handle, &self.audit) {
+            let mut rec =
+                AccessRecord::new(Op::Open, a.path, AuditDecision::Allow, a.rule, a.pid, a.uid);
+            rec.mode = Some(if a.write { "write" } else { "read" });
+            rec.bytes_read = Some(a.read.load(Ordering::Relaxed));
+            rec.bytes_written = Some(a.written.load(Ordering::Relaxed));
+            log.access(rec);
         }
         reply.ok();
     }
@@ -986,7 +1184,8 @@ impl Filesystem for Fence {
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        set_who(req);
         match self.do_opendir(ino) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(ferr(e)),
@@ -1058,7 +1257,7 @@ impl Filesystem for Fence {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -1066,14 +1265,17 @@ impl Filesystem for Fence {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        set_who(req);
         let r = (|| {
-            let (node, _) = self.xattr_target(ino, Level::Write)?;
+            let (node, f) = self.xattr_target(Op::Setxattr, ino, Level::Write)?;
             if is_private_xattr(name) {
                 return Err(Errno::PERM);
             }
             let r = rel(&node.path);
             self.layers.copy_up(r)?;
-            sfs::set_xattr(self.layers.upper(), r, name, value, flags)
+            sfs::set_xattr(self.layers.upper(), r, name, value, flags)?;
+            self.allowed(Op::Setxattr, &node.path, f.is_dir(), None);
+            Ok(())
         })();
         match r {
             Ok(()) => reply.ok(),
@@ -1081,13 +1283,14 @@ impl Filesystem for Fence {
         }
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        set_who(req);
         let r = (|| {
             // POSIX ACLs are permission metadata, visible at `view` like the mode bits (so
             // that `ls -l` works there); every other attribute value is content.
             let acl = name.as_bytes().starts_with(b"system.posix_acl_");
             let need = if acl { Level::View } else { Level::Read };
-            let (node, f) = self.xattr_target(ino, need)?;
+            let (node, f) = self.xattr_target(Op::Getxattr, ino, need)?;
             if is_private_xattr(name) {
                 return Err(Errno::NODATA);
             }
@@ -1096,10 +1299,11 @@ impl Filesystem for Fence {
         reply_xattr(reply, size, r);
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        set_who(req);
         let r = (|| {
             // Attribute names are metadata, like file names.
-            let (node, f) = self.xattr_target(ino, Level::View)?;
+            let (node, f) = self.xattr_target(Op::Listxattr, ino, Level::View)?;
             let names = sfs::list_xattr(self.layer_root(&f), rel(&node.path))?;
             let mut out = Vec::new();
             for n in names.iter().filter(|n| !is_private_xattr(n)) {
@@ -1111,15 +1315,18 @@ impl Filesystem for Fence {
         reply_xattr(reply, size, r);
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        set_who(req);
         let r = (|| {
-            let (node, _) = self.xattr_target(ino, Level::Write)?;
+            let (node, f) = self.xattr_target(Op::Removexattr, ino, Level::Write)?;
             if is_private_xattr(name) {
                 return Err(Errno::NODATA);
             }
             let r = rel(&node.path);
             self.layers.copy_up(r)?;
-            sfs::remove_xattr(self.layers.upper(), r, name)
+            sfs::remove_xattr(self.layers.upper(), r, name)?;
+            self.allowed(Op::Removexattr, &node.path, f.is_dir(), None);
+            Ok(())
         })();
         match r {
             Ok(()) => reply.ok(),
@@ -1163,6 +1370,7 @@ impl Filesystem for Fence {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        set_who(req);
         match self.do_create(req, parent, name, mode, flags) {
             Ok((attr, fh)) => reply.created(
                 &TTL,

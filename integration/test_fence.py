@@ -176,17 +176,18 @@ def test_docker_table(docker_engine, image, probe, tmp_path, user):
     checks = table_checks("/workspace", user != "root")
     name = unique()
     got = run_probe_lines(
-        [DOCKER, "run", "--rm", "-i", "--name", name, "--runtime", "agentfense", "-u", user,
+        [DOCKER, "run", "--name", name, "--runtime", "agentfense", "-u", user,
          "-e", "AGENTFENSE_POLICY=" + json.dumps(TABLE_POLICY),
          "-v", f"{repo}:/workspace", "-v", f"{probe}:/probe:ro", IMAGE, "/probe"],
         checks)
     assert_table(got, checks)
     check_host_after(repo, digest)
     # The container's writes are in its delta, kept after delete.
-    ids = [p for p in Path("/var/lib/agentfense/containers").iterdir()
-           if json.loads((p / "fence.json").read_text())["workspaces"][0]["base"] == str(repo)]
-    assert len(ids) == 1
-    upper = Path(json.loads((ids[0] / "fence.json").read_text())["workspaces"][0]["upper"])
+    cid = sh([DOCKER, "inspect", "-f", "{{.Id}}", name], check=True).stdout.strip()
+    sh([DOCKER, "rm", name], check=True)
+    record = json.loads((state_dir_of(cid) / "fence.json").read_text())
+    assert record["workspaces"][0]["base"] == str(repo) and not record["live"]
+    upper = Path(record["workspaces"][0]["upper"])
     assert (upper / "write" / "moved-write").read_text() == "write content\nx"
     assert (upper / "write" / "new").exists()
 

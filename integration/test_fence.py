@@ -8,6 +8,7 @@ and the base untouched.
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (
-    CTR, CTR_IMAGE, CTR_NS, DOCKER, IMAGE, PODMAN, PODMAN_ULIMITS, REPO, BIN, sh, unique, wait_for,
+    BIN, CTR, CTR_IMAGE, CTR_NS, DOCKER, IMAGE, PODMAN, PODMAN_ULIMITS, REPO, sh, unique, wait_for,
 )
 
 LEVELS = ("none", "view", "read", "write")
@@ -367,4 +368,52 @@ def test_killed_daemon_fails_closed_and_delete_cleans_up(docker_engine, image, t
     assert p.returncode != 0 and p.stdout == ""
     assert "Transport endpoint is not connected" in p.stderr or "I/O error" in p.stderr, p.stderr
     sh([DOCKER, "rm", "-f", name], check=True)
+    no_leftovers()
+
+
+def test_failed_create_after_fencing_leaves_nothing(docker_engine, image, tmp_path):
+    """The fence is up when libcontainer fails (no such program): it is torn down again."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    p = sh([DOCKER, "run", "--rm", "--runtime", "agentfense", "-e", "AGENTFENSE_PRESET=read-only",
+            "-v", f"{repo}:/workspace", IMAGE, "/nonexistent"])
+    assert p.returncode == 127, p.stderr
+    assert "/nonexistent" in p.stderr
+    no_leftovers()
+
+
+def test_delete_force_cleans_up_after_a_runtime_that_lost_its_state(tmp_path, image):
+    """As after a runtime killed half way through create: the fence is up, the container's
+    state is gone. `delete --force` still stops the daemon and unmounts."""
+    rootfs = tmp_path / "rootfs"
+    sh(["sh", "-c", f"mkdir -p {rootfs} && {DOCKER} export $({DOCKER} create {IMAGE} true) "
+                    f"| tar -C {rootfs} -x"], check=True)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    sh([BIN, "spec", "--bundle", bundle], check=True)
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["root"] = {"path": str(rootfs), "readonly": True}
+    cfg["process"]["terminal"] = False
+    cfg["process"]["args"] = ["sleep", "1000"]
+    cfg["mounts"].append({"destination": "/workspace", "type": "bind", "source": str(repo),
+                          "options": ["rbind", "rw"]})
+    cfg["annotations"] = {"agentfense.io/preset": "read-only"}
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    root = tmp_path / "runtime-root"
+    cid = unique("crash")
+    # The container keeps the stdio it is given: give it a file, not a pipe.
+    with open(tmp_path / "create.err", "w+") as err:
+        p = subprocess.run([str(BIN), "--root", str(root), "create", "--bundle", str(bundle), cid],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                           timeout=60)
+    assert p.returncode == 0, (tmp_path / "create.err").read_text()
+    assert fence_mounts_and_daemons() != BEFORE
+    # The runtime's own state is lost (the container's processes are killed by hand).
+    state = json.loads(sh([BIN, "--root", root, "state", cid], check=True).stdout)
+    os.kill(state["pid"], 9)
+    shutil.rmtree(root / cid)
+    p = sh([BIN, "--root", root, "delete", "--force", cid])
+    assert p.returncode == 0, p.stderr
     no_leftovers()

@@ -168,3 +168,51 @@ def test_delta_off_writes_through(docker_engine, image, probe, tmp_path):
     assert (repo / "out" / "a").read_text() == "built\n"
     assert (repo / ".env").read_text() == "s\n"
     no_leftovers()
+
+
+def test_moving_a_directory_over_a_deleted_one_does_not_resurrect_it(docker_engine, image, probe, tmp_path, cleanup_docker):
+    repo = tmp_path / "repo"
+    (repo / "old").mkdir(parents=True)
+    (repo / "old" / "a.txt").write_text("deleted\n")
+    (repo / "old2").mkdir()
+    (repo / "old2" / "b.txt").write_text("deleted too\n")
+    name = start(repo, probe)
+    cleanup_docker.append(name)
+    p = ex(name, "rm -rf /w/old && mkdir /w/new && mv /w/new /w/old && ls -a /w/old; sleep 1.2; "
+                 "ls -a /w/old; cat /w/old/a.txt; "
+                 "rm -rf /w/old2 && touch /w/old2 && mkdir /w/new2 && "
+                 "/probe -a 'exchange /w/new2 /w/old2'; sleep 1.2; ls -a /w/old2")
+    assert p.stdout == ".\n..\n.\n..\nexchange /w/new2 ok\n.\n..\n", p.stdout + p.stderr
+    assert "No such file or directory" in p.stderr
+    sh([DOCKER, "rm", "-f", name], check=True)
+    no_leftovers()
+
+
+def test_concurrent_first_writes(docker_engine, image, probe, tmp_path, cleanup_docker):
+    repo = tmp_path / "repo"
+    (repo / "deep" / "er").mkdir(parents=True)
+    for i in range(40):
+        (repo / "deep" / "er" / f"f{i}").write_text("base\n")
+    name = start(repo, probe)
+    cleanup_docker.append(name)
+    script = " ".join(f"(for j in 1 2 3 4; do echo {i} >> /w/deep/er/f{i % 8}; done) &" for i in range(40))
+    p = ex(name, script + " wait; cat /w/deep/er/f0 /w/deep/er/f1 | wc -l")
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert p.stdout.strip() == str(2 + 5 * 4 * 2)
+    sh([DOCKER, "rm", "-f", name], check=True)
+    no_leftovers()
+
+
+def test_in_place_directory_rename_keeps_hidden_entries_hidden(docker_engine, image, probe, tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "config" / "prod").mkdir(parents=True)
+    (repo / "config" / "prod" / "db.env").write_text("SECRET\n")
+    (repo / "config" / "app.yaml").write_text("a\n")
+    policy = [{"pattern": "**/*", "permission": "write"},
+              {"pattern": "/config/prod/**", "permission": "none", "priority": 10}]
+    p = sh([DOCKER, "run", "--rm", "--runtime", "agentfense", "-e", "AGENTFENSE_DELTA=off",
+            "-e", "AGENTFENSE_POLICY=" + json.dumps(policy), "-v", f"{repo}:/workspace", IMAGE,
+            "sh", "-c", "mv /workspace/config /workspace/cfg; ls -R /workspace; cat /workspace/cfg/prod/db.env"])
+    assert "SECRET" not in p.stdout
+    assert (repo / "config" / "prod" / "db.env").read_text() == "SECRET\n"
+    no_leftovers()

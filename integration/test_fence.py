@@ -417,3 +417,63 @@ def test_delete_force_cleans_up_after_a_runtime_that_lost_its_state(tmp_path, im
     p = sh([BIN, "--root", root, "delete", "--force", cid])
     assert p.returncode == 0, p.stderr
     no_leftovers()
+
+
+def test_image_symlink_cannot_point_the_workspace_at_the_host(tmp_path, image):
+    """An image whose /proj is a symlink to a host path: fencing /proj/app is refused, never
+    served from the host directory."""
+    hostdir = tmp_path / "hostdir"
+    (hostdir / "app").mkdir(parents=True)
+    (hostdir / "app" / "host.txt").write_text("HOST-ONLY\n")
+    rootfs = tmp_path / "rootfs"
+    sh(["sh", "-c", f"mkdir -p {rootfs} && {DOCKER} export $({DOCKER} create {IMAGE} true) "
+                    f"| tar -C {rootfs} -x"], check=True)
+    os.symlink(hostdir, rootfs / "proj")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    sh([BIN, "spec", "--bundle", bundle], check=True)
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["root"] = {"path": str(rootfs), "readonly": True}
+    cfg["process"]["terminal"] = False
+    cfg["process"]["args"] = ["cat", "/proj/app/host.txt"]
+    cfg["annotations"] = {"agentfense.io/preset": "read-only", "agentfense.io/workspace": "/proj/app"}
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    p = sh([BIN, "--root", tmp_path / "root", "run", "--bundle", bundle, unique("sym")])
+    assert p.returncode != 0
+    assert "HOST-ONLY" not in p.stdout
+    assert "symlink in the image" in p.stderr, p.stderr
+    no_leftovers()
+
+
+def test_second_create_under_the_same_id_leaves_the_first_fence_alone(tmp_path, image):
+    rootfs = tmp_path / "rootfs"
+    sh(["sh", "-c", f"mkdir -p {rootfs} && {DOCKER} export $({DOCKER} create {IMAGE} true) "
+                    f"| tar -C {rootfs} -x"], check=True)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a.txt").write_text("a\n")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    sh([BIN, "spec", "--bundle", bundle], check=True)
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["root"] = {"path": str(rootfs), "readonly": True}
+    cfg["process"]["terminal"] = False
+    cfg["process"]["args"] = ["sleep", "1000"]
+    cfg["mounts"].append({"destination": "/workspace", "type": "bind", "source": str(repo),
+                          "options": ["rbind", "rw"]})
+    cfg["annotations"] = {"agentfense.io/preset": "read-only"}
+    original = json.dumps(cfg)
+    (bundle / "config.json").write_text(original)
+    root = tmp_path / "runtime-root"
+    cid = unique("dup")
+    with open(tmp_path / "err", "w") as err:
+        first = subprocess.run([str(BIN), "--root", str(root), "run", "-d", "--bundle", str(bundle), cid],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, timeout=60)
+    assert first.returncode == 0, (tmp_path / "err").read_text()
+    (bundle / "config.json").write_text(original)
+    second = sh([BIN, "--root", root, "create", "--bundle", bundle, cid])
+    assert second.returncode != 0 and "already exists" in second.stderr, second.stderr
+    p = sh([BIN, "--root", root, "exec", cid, "cat", "/workspace/a.txt"])
+    assert p.stdout == "a\n", p.stderr
+    assert sh([BIN, "--root", root, "delete", "--force", cid]).returncode == 0
+    no_leftovers()

@@ -155,6 +155,11 @@ pub fn prepare(
             req.delta
         );
     }
+    // A second create under the id of an existing container fails in libcontainer; it must
+    // not touch that container's fences on the way.
+    if runtime_root.join(id).exists() {
+        bail!("container {id} already exists");
+    }
     let plans = splice::plan(&spec, bundle, &req.workspaces).context("agentfense")?;
     let cdir = container_state_dir(admin, id);
     mkdir_private(&cdir)?;
@@ -240,6 +245,32 @@ fn start_fences(
         // A workspace that is neither a bind mount nor a directory of the image is most likely
         // a repository mounted somewhere else: fencing an empty directory instead would leave
         // the real one unfenced, so refuse.
+        if p.in_rootfs {
+            // The image must not point the workspace elsewhere on the host: no symlink on the
+            // way from the rootfs to the workspace directory.
+            let root = p
+                .base
+                .ancestors()
+                .nth(p.dest.matches('/').count())
+                .unwrap_or(&p.base);
+            let rootfd = crate::sys::fs::open_root(root)
+                .map_err(|e| anyhow!("agentfense: cannot open the rootfs: {e}"))?;
+            let sub = p.dest.trim_start_matches('/');
+            if let Err(e) = crate::sys::fs::open_beneath(
+                std::os::fd::AsFd::as_fd(&rootfd),
+                sub,
+                crate::sys::fs::OFlags::PATH | crate::sys::fs::OFlags::DIRECTORY,
+                crate::sys::fs::Mode::empty(),
+            ) {
+                if e == crate::sys::fs::Errno::LOOP || e == crate::sys::fs::Errno::XDEV {
+                    bail!(
+                        "agentfense: workspace {} is reached through a symlink in the image; \
+                         only a plain directory can be fenced",
+                        p.dest
+                    );
+                }
+            }
+        }
         let meta = fs::symlink_metadata(&p.base).map_err(|_| {
             anyhow!(
                 "agentfense: workspace {} is neither a bind mount's destination nor a directory \

@@ -86,8 +86,16 @@ pub fn run(config_path: &Path) -> Result<()> {
         ),
         _ => None,
     };
-    let fence = Fence::new(policy, cfg.base.as_deref(), &cfg.upper, audit)
-        .map_err(|e| anyhow!("failed to open the workspace layers: {e}"))?;
+    let fence = Fence::new(policy, cfg.base.as_deref(), &cfg.upper, audit).map_err(|e| {
+        if e == crate::sys::fs::Errno::MEDIUMTYPE {
+            anyhow!(
+                "the workspace's file system matches names ignoring case; fencing it would let \
+                 another spelling of a hidden name through, so it is refused"
+            )
+        } else {
+            anyhow!("failed to open the workspace layers: {e}")
+        }
+    })?;
     let mut options = vec![
         fuser::MountOption::FSName(format!("agentfense:{}", cfg.container_id)),
         fuser::MountOption::Subtype("agentfense".into()),
@@ -143,6 +151,24 @@ fn redirect_stdout_to_null() {
 pub struct DaemonHandle {
     pub pid: i32,
     pub mountpoint: PathBuf,
+    /// The daemon's config file (it is on the daemon's command line).
+    #[serde(default)]
+    pub config: PathBuf,
+    /// The process's start time (clock ticks since boot, /proc/PID/stat field 22): with the
+    /// pid, names the process even after the pid is reused.
+    #[serde(default)]
+    pub start_time: u64,
+}
+
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 /// Starts a daemon for `config` (already written at `config_path`) and waits until its mount
@@ -210,30 +236,35 @@ pub fn spawn(
     Ok(DaemonHandle {
         pid,
         mountpoint: cfg.mountpoint.clone(),
+        config: config_path.to_path_buf(),
+        start_time: start_time(pid).unwrap_or(0),
     })
 }
 
-/// Whether `path` is a mount point (per /proc/self/mountinfo).
+/// Whether `path` is a mount point (per /proc/self/mountinfo, compared as bytes: other mount
+/// points' names need not be UTF-8).
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(info) = fs::read("/proc/self/mountinfo") else {
         return false;
     };
-    let want = path.to_string_lossy();
-    info.lines().any(|l| {
-        l.split(' ')
+    let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let want = canon.as_os_str().as_bytes();
+    info.split(|b| *b == b'\n').any(|l| {
+        l.split(|b| *b == b' ')
             .nth(4)
             .is_some_and(|mp| unescape_mount(mp) == want)
     })
 }
 
-fn unescape_mount(s: &str) -> String {
+fn unescape_mount(b: &[u8]) -> Vec<u8> {
     // mountinfo escapes space, tab, newline and backslash as \ooo.
-    let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+            let oct = std::str::from_utf8(&b[i + 1..i + 4]).ok();
+            if let Some(v) = oct.and_then(|o| u8::from_str_radix(o, 8).ok()) {
                 out.push(v);
                 i += 4;
                 continue;
@@ -242,16 +273,14 @@ fn unescape_mount(s: &str) -> String {
         out.push(b[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// Unmounts a fence mount: normally, else lazily (still busy). Not mounted is fine.
 pub fn unmount(path: &Path) -> Result<()> {
     use nix::mount::{umount2, MntFlags};
     for _ in 0..3 {
-        if !is_mounted(path) {
-            return Ok(());
-        }
+        // Asked of the kernel directly: EINVAL means it is not (or no longer) a mount point.
         match umount2(path, MntFlags::empty()) {
             Ok(()) => continue,
             Err(nix::errno::Errno::EBUSY) => {
@@ -299,8 +328,15 @@ pub fn is_our_daemon(handle: &DaemonHandle) -> bool {
             return false;
         }
     }
+    if handle.start_time != 0 && start_time(handle.pid) != Some(handle.start_time) {
+        return false;
+    }
+    use std::os::unix::ffi::OsStrExt;
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     args.iter().any(|a| *a == b"fence-daemon")
+        && args
+            .iter()
+            .any(|a| *a == handle.config.as_os_str().as_bytes())
 }
 
 #[cfg(test)]
@@ -325,7 +361,21 @@ mod tests {
 
     #[test]
     fn mountinfo_unescaping() {
-        assert_eq!(unescape_mount("/a\\040b"), "/a b");
-        assert_eq!(unescape_mount("/plain"), "/plain");
+        assert_eq!(unescape_mount(b"/a\\040b"), b"/a b");
+        assert_eq!(unescape_mount(b"/plain"), b"/plain");
+        assert_eq!(unescape_mount(b"/\xff\\134"), b"/\xff\\");
+    }
+
+    #[test]
+    fn a_reused_pid_is_not_our_daemon() {
+        let me = std::process::id() as i32;
+        let h = DaemonHandle {
+            pid: me,
+            mountpoint: PathBuf::from("/nonexistent"),
+            config: PathBuf::from("/nonexistent/daemon.json"),
+            start_time: start_time(me).unwrap_or(0),
+        };
+        assert!(start_time(me).is_some());
+        assert!(!is_our_daemon(&h));
     }
 }

@@ -63,7 +63,13 @@ impl Found {
 pub struct Layers {
     base: Option<OwnedFd>,
     upper: OwnedFd,
+    /// Copy-ups (and the parent directories they create) run one at a time: two first writes
+    /// racing on the same path must not fail with `EEXIST`.
+    copy_lock: std::sync::Mutex<()>,
 }
+
+/// Set on the upper root once it has taken the base root's owner, mode and times.
+const ROOT_INIT_XATTR: &str = "trusted.agentfense.root";
 
 /// `"/a/b"` (the policy's form) to `"a/b"` (relative to a layer root); the root is `"."`.
 pub fn rel(path: &str) -> &str {
@@ -78,10 +84,28 @@ pub fn rel(path: &str) -> &str {
 impl Layers {
     /// Copy-on-write over `base`, changes in `upper`; or, with `base` None, changes in place.
     pub fn open(base: Option<&Path>, upper: &Path) -> Res<Layers> {
-        Ok(Layers {
+        let l = Layers {
             base: base.map(sfs::open_root).transpose()?,
             upper: sfs::open_root(upper)?,
-        })
+            copy_lock: std::sync::Mutex::new(()),
+        };
+        for root in [l.base(), Some(l.upper())].into_iter().flatten() {
+            if sfs::case_insensitive(root)? {
+                // Refused rather than served: rules could be bypassed by another spelling.
+                return Err(Errno::MEDIUMTYPE);
+            }
+        }
+        // The root is shown from the upper layer, so that changes to it (chmod, times,
+        // attributes) stick; it starts as a copy of the base root's metadata (once: a
+        // container created again under the same id keeps what it changed).
+        if let Some(b) = l.base() {
+            if sfs::get_xattr(l.upper(), ".", OsStr::new(ROOT_INIT_XATTR)).is_err() {
+                let st = sfs::lstat(b, ".")?.ok_or(Errno::NOENT)?;
+                l.copy_attrs(".", &st)?;
+                sfs::set_xattr(l.upper(), ".", OsStr::new(ROOT_INIT_XATTR), b"1", 0)?;
+            }
+        }
+        Ok(l)
     }
 
     pub fn cow(&self) -> bool {
@@ -127,11 +151,10 @@ impl Layers {
                         in_base: true,
                     })
                 } else {
-                    // The base's root decides what the container sees of the root itself
-                    // until it changes something there.
+                    let _ = st;
                     Ok(Found {
-                        layer: Layer::Base,
-                        st,
+                        layer: Layer::Upper,
+                        st: up,
                         merge_base: true,
                         in_base: true,
                     })
@@ -243,9 +266,15 @@ impl Layers {
         if sfs::file_type(&st) != FileType::Directory {
             return Err(Errno::NOTDIR);
         }
-        sfs::mkdir(self.upper(), rel, 0o700)?;
-        self.copy_attrs(rel, &st)?;
-        Ok(())
+        match sfs::mkdir(self.upper(), rel, 0o700) {
+            Ok(()) => self.copy_attrs(rel, &st),
+            // Made meanwhile by another request: fine if it is a directory.
+            Err(Errno::EXIST) => match sfs::lstat(self.upper(), rel)? {
+                Some(s) if sfs::file_type(&s) == FileType::Directory => Ok(()),
+                _ => Err(Errno::NOTDIR),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     /// Owner, mode and times of `st` onto upper entry `rel`.
@@ -264,6 +293,7 @@ impl Layers {
         let Some(base) = self.base() else {
             return Ok(());
         };
+        let _one_at_a_time = self.copy_lock.lock().map_err(|_| Errno::IO)?;
         if let Some(st) = sfs::lstat(self.upper(), rel)? {
             if !self.is_whiteout(&st) {
                 return Ok(());
@@ -341,7 +371,10 @@ impl Layers {
     /// Hides base entry `rel` from now on.
     pub fn whiteout(&self, rel: &str) -> Res<()> {
         let (parent, _) = sfs::split(rel);
-        self.ensure_upper_dir(parent)?;
+        {
+            let _one_at_a_time = self.copy_lock.lock().map_err(|_| Errno::IO)?;
+            self.ensure_upper_dir(parent)?;
+        }
         sfs::mknod(self.upper(), rel, FileType::CharacterDevice, 0o000, 0)
     }
 
@@ -367,6 +400,22 @@ impl Layers {
             self.whiteout(rel)?;
         }
         Ok(())
+    }
+
+    /// Makes room for a new entry at `rel`: its parent directories in the upper layer.
+    pub fn prepare_parent(&self, rel: &str) -> Res<()> {
+        if !self.cow() {
+            return Ok(());
+        }
+        let (parent, _) = sfs::split(rel);
+        let _one_at_a_time = self.copy_lock.lock().map_err(|_| Errno::IO)?;
+        self.ensure_upper_dir(parent)
+    }
+
+    /// Whether the base has an entry at `rel` (beneath a directory whose base shows through).
+    pub fn base_has(&self, rel: &str) -> bool {
+        self.base()
+            .is_some_and(|b| sfs::lstat(b, rel).ok().flatten().is_some())
     }
 
     /// Whether directory `rel` holds anything from the base (itself, or beneath it).

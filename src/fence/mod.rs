@@ -62,7 +62,7 @@ pub struct Fence {
     nodes: Mutex<Nodes>,
     /// Namespace changes (create, remove, rename) are serialised; lookups and I/O are not.
     ns: RwLock<()>,
-    handles: Mutex<HashMap<u64, Handle>>,
+    handles: Mutex<HashMap<u64, std::sync::Arc<Handle>>>,
     next_fh: AtomicU64,
     audit: Option<AuditLog>,
 }
@@ -237,6 +237,13 @@ impl Fence {
         let kind = sfs::file_type(st);
         let level = self.level(path, kind == FileType::Directory);
         let mut perm = (st.st_mode & 0o7777) as u16;
+        // The workspace root is decided by the policy's default (patterns like `**/*` do not
+        // match it); it shows writable when what is created in it would be.
+        let level = if path == "/" && self.level("/\u{1}", false) == Level::Write {
+            Level::Write
+        } else {
+            level
+        };
         match (level, kind) {
             (Level::Write, _) => {}
             (Level::Read, _) => perm &= !0o222,
@@ -244,14 +251,10 @@ impl Fence {
             _ => perm &= !0o666,
         }
         let (nlink, size, blocks) = if kind == FileType::Directory {
-            // Count only what the container sees: hidden subdirectories add no links, and
-            // the size is a constant so the number of hidden entries does not show.
-            let subdirs = self
-                .visible_children(path, f)?
-                .iter()
-                .filter(|(_, t, _)| *t == FileType::Directory)
-                .count() as u32;
-            (2 + subdirs, 4096, 8)
+            // A directory's link count would count hidden subdirectories: report 1, which
+            // tools read as "unknown" (find then does not rely on it), and a constant size,
+            // so the number of hidden entries does not show either.
+            (1, 4096, 8)
         } else {
             // A link count above one would tell of names elsewhere, possibly hidden.
             (1, st.st_size as u64, st.st_blocks as u64)
@@ -345,10 +348,7 @@ impl Fence {
             return Err(Errno::EXIST);
         }
         let r = rel(&path);
-        let (pdir, _) = sfs::split(r);
-        if self.layers.cow() {
-            self.layers.ensure_upper_dir(pdir)?;
-        }
+        self.layers.prepare_parent(r)?;
         let had_whiteout = self.layers.clear_whiteout(r)?;
         let base_had = self.layers.cow()
             && parent.merge_base
@@ -376,7 +376,10 @@ impl Fence {
 
     fn new_fh(&self, h: Handle) -> Res<u64> {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().map_err(|_| Errno::IO)?.insert(fh, h);
+        self.handles
+            .lock()
+            .map_err(|_| Errno::IO)?
+            .insert(fh, std::sync::Arc::new(h));
         Ok(fh)
     }
 
@@ -385,17 +388,23 @@ impl Fence {
         fh: FileHandle,
         f: impl FnOnce(&OwnedFd, Option<&OpenAudit>) -> Res<T>,
     ) -> Res<T> {
-        let handles = self.handles.lock().map_err(|_| Errno::IO)?;
-        match handles.get(&fh.0) {
-            Some(Handle::File(fd, audit)) => f(fd, audit.as_deref()),
+        let h = self.handle(fh)?;
+        match &*h {
+            Handle::File(fd, audit) => f(fd, audit.as_deref()),
             _ => Err(Errno::BADF),
         }
     }
 
-    fn with_file<T>(&self, fh: FileHandle, f: impl FnOnce(&OwnedFd) -> Res<T>) -> Res<T> {
+    /// A handle, taken out of the table so that I/O runs without holding its lock.
+    fn handle(&self, fh: FileHandle) -> Res<std::sync::Arc<Handle>> {
         let handles = self.handles.lock().map_err(|_| Errno::IO)?;
-        match handles.get(&fh.0) {
-            Some(Handle::File(fd, _)) => f(fd),
+        handles.get(&fh.0).cloned().ok_or(Errno::BADF)
+    }
+
+    fn with_file<T>(&self, fh: FileHandle, f: impl FnOnce(&OwnedFd) -> Res<T>) -> Res<T> {
+        let h = self.handle(fh)?;
+        match &*h {
+            Handle::File(fd, _) => f(fd),
             _ => Err(Errno::BADF),
         }
     }
@@ -668,17 +677,12 @@ impl Fence {
                 // Tools fall back to copying, which the policy checks file by file.
                 return Err(Errno::XDEV);
             }
-            for (sub, is_dir) in self.layers.upper_subtree(rf)? {
-                if self.level(&format!("{to}/{sub}"), is_dir) != Level::Write {
-                    return Err(Errno::XDEV);
-                }
-            }
+            self.check_dir_move(&from, &to)?;
         } else {
             self.layers.copy_up(rf)?;
         }
         if self.layers.cow() {
-            let (pdir, _) = sfs::split(rt);
-            self.layers.ensure_upper_dir(pdir)?;
+            self.layers.prepare_parent(rt)?;
             if let Some(d) = &dst {
                 if d.is_dir() {
                     if d.layer == Layer::Upper {
@@ -688,10 +692,12 @@ impl Fence {
                     sfs::unlink(self.layers.upper(), rt, false)?;
                 }
             }
-            self.layers.clear_whiteout(rt)?;
+            let had_whiteout = self.layers.clear_whiteout(rt)?;
             sfs::rename(self.layers.upper(), rf, rt, sfs::RenameFlags::NOREPLACE)?;
+            // A directory moved over a deleted or replaced base directory must not let the
+            // base's entries show through it.
             let dst_in_base = dst.as_ref().is_some_and(|d| d.in_base);
-            if src.is_dir() && dst_in_base {
+            if src.is_dir() && (dst_in_base || had_whiteout || self.layers.base_has(rt)) {
                 self.layers.set_opaque(rt)?;
             }
             if src.in_base {
@@ -709,6 +715,36 @@ impl Fence {
         if let Ok(mut nodes) = self.nodes.lock() {
             nodes.renamed(&from, &to);
         }
+        self.refresh_node(&p2, &to);
+        Ok(())
+    }
+
+    /// After a rename: the moved node's layer flags, as a fresh lookup would set them.
+    fn refresh_node(&self, parent: &Node, path: &str) {
+        if let Ok(Some(f)) = self.layers.find(rel(path), parent.merge_base) {
+            if let Ok(mut nodes) = self.nodes.lock() {
+                nodes.upsert(
+                    path,
+                    ftype(f.kind()),
+                    f.merge_base,
+                    parent.merge_base,
+                    false,
+                );
+            }
+        }
+    }
+
+    /// A directory made in the container moves from `from` to `to` as a whole: everything in
+    /// it must be writable where it was (with changes in place, it may hold entries the
+    /// container cannot see) and where it lands; otherwise `EXDEV`.
+    fn check_dir_move(&self, from: &str, to: &str) -> Res<()> {
+        for (sub, is_dir) in self.layers.upper_subtree(rel(from))? {
+            if self.level(&format!("{from}/{sub}"), is_dir) != Level::Write
+                || self.level(&format!("{to}/{sub}"), is_dir) != Level::Write
+            {
+                return Err(Errno::XDEV);
+            }
+        }
         Ok(())
     }
 
@@ -719,11 +755,7 @@ impl Fence {
             }
             if f.is_dir() {
                 let other = if p == from { to } else { from };
-                for (sub, is_dir) in self.layers.upper_subtree(rel(p))? {
-                    if self.level(&format!("{other}/{sub}"), is_dir) != Level::Write {
-                        return Err(Errno::XDEV);
-                    }
-                }
+                self.check_dir_move(p, other)?;
             } else {
                 self.layers.copy_up(rel(p))?;
             }
@@ -734,8 +766,26 @@ impl Fence {
             rel(to),
             sfs::RenameFlags::EXCHANGE,
         )?;
+        // A directory landing where the base has an entry must not let the base show through.
+        for (landed, was) in [(to, src), (from, dst)] {
+            if was.is_dir() && self.layers.cow() && self.layers.base_has(rel(landed)) {
+                self.layers.set_opaque(rel(landed))?;
+            }
+        }
         if let Ok(mut nodes) = self.nodes.lock() {
             nodes.exchanged(from, to);
+        }
+        for p in [from, to] {
+            let (pp, _) = p.rsplit_once('/').unwrap_or(("", ""));
+            let pp = if pp.is_empty() { "/" } else { pp };
+            let parent = self
+                .nodes
+                .lock()
+                .ok()
+                .and_then(|n| n.ino_of(pp).and_then(|i| n.get(i).cloned()));
+            if let Some(parent) = parent {
+                self.refresh_node(&parent, p);
+            }
         }
         Ok(())
     }
@@ -798,7 +848,12 @@ impl Fence {
         }
         let keep = libc::O_ACCMODE | libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME;
         let oflags = OFlags::from_bits_retain((flags.0 & keep) as _);
-        let fd = self.layers.open_file(r, layer, oflags)?;
+        // Non-blocking, and checked after opening: a FIFO swapped in meanwhile must not hang a
+        // worker thread, nor be served.
+        let fd = self.layers.open_file(r, layer, oflags | OFlags::NONBLOCK)?;
+        if sfs::file_type(&rustix::fs::fstat(&fd)?) != FileType::RegularFile {
+            return Err(Errno::ACCESS);
+        }
         let audit = self.open_audit(&node.path, writing);
         self.new_fh(Handle::File(fd, audit))
     }
@@ -1152,9 +1207,19 @@ impl Filesystem for Fence {
         reply: ReplyEmpty,
     ) {
         let handle = self.handles.lock().ok().and_then(|mut h| h.remove(&fh.0));
-        if let (Some(Handle::File(_, Some(a))), Some(log)) = (handle, &self.audit) {
-            let mut rec =
-                AccessRecord::new(Op::Open, a.path, AuditDecision::Allow, a.rule, a.pid, a.uid);
+        let audit = handle.as_deref().and_then(|h| match h {
+            Handle::File(_, Some(a)) => Some(a),
+            _ => None,
+        });
+        if let (Some(a), Some(log)) = (audit, &self.audit) {
+            let mut rec = AccessRecord::new(
+                Op::Open,
+                a.path.as_str(),
+                AuditDecision::Allow,
+                a.rule,
+                a.pid,
+                a.uid,
+            );
             rec.mode = Some(if a.write { "write" } else { "read" });
             rec.bytes_read = Some(a.read.load(Ordering::Relaxed));
             rec.bytes_written = Some(a.written.load(Ordering::Relaxed));
@@ -1200,10 +1265,10 @@ impl Filesystem for Fence {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Ok(handles) = self.handles.lock() else {
-            return reply.error(FErrno::EIO);
+        let Ok(handle) = self.handle(fh) else {
+            return reply.error(FErrno::EBADF);
         };
-        let Some(Handle::Dir(entries)) = handles.get(&fh.0) else {
+        let Handle::Dir(entries) = &*handle else {
             return reply.error(FErrno::EBADF);
         };
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
@@ -1289,8 +1354,14 @@ impl Filesystem for Fence {
             // POSIX ACLs are permission metadata, visible at `view` like the mode bits (so
             // that `ls -l` works there); every other attribute value is content.
             let acl = name.as_bytes().starts_with(b"system.posix_acl_");
-            let need = if acl { Level::View } else { Level::Read };
+            // `security.*` (SELinux labels, file capabilities): at `view` there is none, so
+            // that `ls -l` lists quietly; the value itself is not shown.
+            let sec = name.as_bytes().starts_with(b"security.");
+            let need = if acl || sec { Level::View } else { Level::Read };
             let (node, f) = self.xattr_target(Op::Getxattr, ino, need)?;
+            if sec && self.level(&node.path, f.is_dir()) < Level::Read {
+                return Err(Errno::NODATA);
+            }
             if is_private_xattr(name) {
                 return Err(Errno::NODATA);
             }

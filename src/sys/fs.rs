@@ -31,6 +31,32 @@ pub fn open_root(path: &std::path::Path) -> Res<OwnedFd> {
     )
 }
 
+/// Whether names on the file system of directory `dir` are matched ignoring case (FAT, exFAT,
+/// NTFS, SMB/CIFS, HFS+, ISO 9660, or a case-folding ext4/f2fs directory). Policies are
+/// decided on the name a container asks for: on such a file system `.ENV` would reach `.env`.
+pub fn case_insensitive(dir: BorrowedFd<'_>) -> Res<bool> {
+    const CASE_INSENSITIVE_FS: [i64; 8] = [
+        0x4d44,     // msdos / vfat
+        0x2011bab0, // exfat
+        0x5346544e, // ntfs (ntfs-3g)
+        0x7366746e, // ntfs3
+        0xff534d42, // cifs
+        0xfe534d42, // smb2
+        0x482b,     // hfs+
+        0x9660,     // iso9660
+    ];
+    let st = rustix::fs::fstatfs(dir)?;
+    if CASE_INSENSITIVE_FS.contains(&(st.f_type as i64)) {
+        return Ok(true);
+    }
+    const FS_CASEFOLD_FL: u32 = 0x4000_0000;
+    let fd = open_beneath(dir, ".", OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+    Ok(match rustix::fs::ioctl_getflags(&fd) {
+        Ok(flags) => flags.bits() & FS_CASEFOLD_FL != 0,
+        Err(_) => false,
+    })
+}
+
 /// Opens `rel` beneath `root`. `rel` is `"."` for the root itself.
 pub fn open_beneath(root: BorrowedFd<'_>, rel: &str, flags: OFlags, mode: Mode) -> Res<OwnedFd> {
     loop {

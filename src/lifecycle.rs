@@ -103,6 +103,11 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// After libcontainer has created the container (it keeps its own copy of the spec): the
+    /// bundle's `config.json` as the engine wrote it, so that the bundle can be used again.
+    pub fn created(self) {
+        let _ = fs::write(&self.config_path, &self.original_config);
+    }
     /// Undoes everything: daemons stopped, mounts gone, `config.json` as it was.
     pub fn abort(self) {
         let _ = fs::write(&self.config_path, &self.original_config);

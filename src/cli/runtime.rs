@@ -154,7 +154,12 @@ fn create(args: liboci_cli::Create, ctx: &Ctx) -> Result<()> {
         .with_no_pivot(args.no_pivot)
         .build();
     match built {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            if let Some(f) = fence {
+                f.created();
+            }
+            Ok(())
+        }
         Err(e) => {
             if let Some(f) = fence {
                 f.abort();
@@ -377,7 +382,12 @@ fn run(args: liboci_cli::Run, ctx: &Ctx) -> Result<i32> {
         .with_no_pivot(args.no_pivot)
         .build();
     let mut c = match built {
-        Ok(c) => c,
+        Ok(c) => {
+            if let Some(f) = fence {
+                f.created();
+            }
+            c
+        }
         Err(e) => {
             if let Some(f) = fence {
                 f.abort();

@@ -37,9 +37,11 @@ test: host lint unit integration
 demo: host install
 	bash integration/demo.sh
 
+# Figures, not assertions: the policy engine's decisions per second, and fenced workloads
+# side by side with the native directory (BENCH_ARGS=--quick for a small run).
 bench: build
-	@echo "benchmarks arrive with the performance work (benches/)"; \
 	$(CARGO) bench --bench policy
+	AGENTFENSE_BIN=$(CURDIR)/$(BIN) python3 benches/fence_bench.py $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

@@ -44,21 +44,23 @@ def check_known_run(cid):
     assert all(r["container"] == cid for r in recs)
     shape = [(r["event"], r.get("op"), r.get("path"), r.get("decision"), r.get("mode"),
               r.get("errno"), r.get("bytes_read"), r.get("bytes_written")) for r in recs]
-    assert shape == [
-        ("create", None, None, None, None, None, None, None),
-        ("start", None, None, None, None, None, None, None),
-        ("access", "open", "/src/main.py", "allow", "read", None, 9, 0),
-        ("access", "create", "/output/o.txt", "allow", None, None, None, None),
-        ("access", "open", "/output/o.txt", "allow", "write", None, 0, 4),
-        ("access", "open", "/src/main.py", "deny", "write", "EACCES", None, None),
-        ("access", "lookup", "/.env", "hidden", None, "ENOENT", None, None),
-        ("daemon-stop", None, None, None, None, None, None, None),
-        ("delete", None, None, None, None, None, None, None),
-    ], shape
+    # Lifecycle records frame the run; an allowed open is recorded when the kernel releases
+    # the file, which it does asynchronously, so accesses are compared as a set.
+    assert [s[0] for s in shape] == ["create", "start"] + ["access"] * 5 + ["daemon-stop", "delete"]
+    assert sorted(s[1:] for s in shape if s[0] == "access") == sorted([
+        ("open", "/src/main.py", "allow", "read", None, 9, 0),
+        ("create", "/output/o.txt", "allow", None, None, None, None),
+        ("open", "/output/o.txt", "allow", "write", None, 0, 4),
+        ("open", "/src/main.py", "deny", "write", "EACCES", None, None),
+        ("lookup", "/.env", "hidden", None, "ENOENT", None, None),
+    ], key=str), shape
+
     create = recs[0]["info"]
     assert create["delta"] == "keep" and create["workspaces"] == ["/workspace"]
     assert json.loads(create["policy"])["rules"][0]["pattern"] == "/src/**"
-    assert recs[2]["rule"] == 0 and recs[6]["rule"] == 3
+    by_op = {(r.get("op"), r.get("decision")): r for r in recs if r["event"] == "access"}
+    assert by_op[("lookup", "hidden")]["rule"] == 3
+    assert by_op[("create", "allow")]["rule"] == 1
     assert all(r["uid"] == 0 and r["pid"] > 0 for r in recs if r["event"] == "access")
     delete = recs[-1]["info"]
     assert delete["totals"] == {"allow": 3, "deny": 1, "hidden": 1}
@@ -98,10 +100,10 @@ def test_docker_run_audit_records_verify_and_summary(docker_engine, image, tmp_p
 
     # Tampering, each on a copy: one line removed, one edited, two swapped, the tail cut.
     lines = (STATE / cid / "audit.jsonl").read_text().splitlines(keepends=True)
-    edited = lines[4].replace('"/output/o.txt"', '"/output/x.txt"')
+    edited = lines[3].replace('"allow"', '"deny"').replace('"hidden"', '"allow"')
     variants = {
         "removed": lines[:3] + lines[4:],
-        "edited": lines[:4] + [edited] + lines[5:],
+        "edited": lines[:3] + [edited] + lines[4:],
         "swapped": lines[:3] + [lines[4], lines[3]] + lines[5:],
         "cut": lines[:-2],
     }

@@ -478,3 +478,29 @@ def test_second_create_under_the_same_id_leaves_the_first_fence_alone(tmp_path, 
     assert p.stdout == "a\n", p.stderr
     assert sh([BIN, "--root", root, "delete", "--force", cid]).returncode == 0
     no_leftovers()
+
+
+@pytest.fixture(scope="module")
+def table_image(image, tmp_path_factory):
+    """An image whose own /workspace holds the table's layout (no bind mount)."""
+    name = "agentfense-test/table:latest"
+    root = tmp_path_factory.mktemp("table-rootfs")
+    sh(["sh", "-c", f"{DOCKER} export $({DOCKER} create {IMAGE} true) | tar -C {root} -x"], check=True)
+    make_table_repo(root / "workspace")
+    tar = root.parent / "table.tar"
+    sh(["tar", "-C", root, "-cf", tar, "."], check=True)
+    sh([DOCKER, "import", "-c", "ENV PATH=/bin", tar, name], check=True)
+    return name
+
+
+@pytest.mark.parametrize("user", ["root", "1000:1000"])
+def test_docker_table_on_image_content(docker_engine, table_image, probe, user):
+    checks = table_checks("/workspace", user != "root")
+    name = unique()
+    got = run_probe_lines(
+        [DOCKER, "run", "--rm", "--name", name, "--runtime", "agentfense", "-u", user,
+         "-e", "AGENTFENSE_POLICY=" + json.dumps(TABLE_POLICY),
+         "-v", f"{probe}:/probe:ro", table_image, "/probe"],
+        checks)
+    assert_table(got, checks)
+    no_leftovers()

@@ -4,7 +4,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from conftest import DOCKER, IMAGE, sh, unique
+from conftest import DOCKER, IMAGE, sh, unique, wait_for
 from test_fence import no_leftovers, tree_digest
 
 
@@ -89,13 +89,14 @@ def test_3_many_tenants_over_one_base(docker_engine, image, tmp_path):
         sh([DOCKER, "run", "-d", "--name", names[t], "--runtime", "agentfense",
             "-e", "AGENTFENSE_POLICY=" + json.dumps(policy), "-v", f"{base}:/workspace", IMAGE,
             "sh", "-c", f"mkdir /workspace/output/{t} && head -c 1048576 /dev/zero > "
-                        f"/workspace/output/{t}/result.bin && echo done && sleep 1000"], check=True)
+                        f"/workspace/output/{t}/result.bin && echo written && sleep 1000"],
+           check=True)
     try:
+        # All tenants have written and are still running: now each looks at what it sees.
         for t in tenants:
-            for _ in range(100):
-                if "done" in sh([DOCKER, "logs", names[t]]).stdout:
-                    break
-                subprocess.run(["sleep", "0.1"])
+            wait_for(lambda: "written" in sh([DOCKER, "logs", names[t]]).stdout, f"{t} to write",
+                     timeout=60)
+        for t in tenants:
             p = sh([DOCKER, "exec", names[t], "sh", "-c",
                     "ls /workspace/output; cat /workspace/app/agent.py; "
                     f"wc -c < /workspace/output/{t}/result.bin"])

@@ -154,3 +154,32 @@ def test_one_open_record_per_file_read(docker_engine, image, tmp_path):
     assert recs[-1]["info"]["dropped"] == 0
     assert audit("verify", cid[:12]).returncode == 0
     no_leftovers()
+
+
+def test_foreground_run_records_the_exit_status(tmp_path, image):
+    """`agentfense-runc run` reaps the container itself, so its delete record carries the
+    exit status (under an engine the engine reaps it, and the field is null)."""
+    import os
+    rootfs = tmp_path / "rootfs"
+    sh(["sh", "-c", f"mkdir -p {rootfs} && {DOCKER} export $({DOCKER} create {IMAGE} true) "
+                    f"| tar -C {rootfs} -x"], check=True)
+    repo = repo_at(tmp_path)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    sh([BIN, "spec", "--bundle", bundle], check=True)
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["root"] = {"path": str(rootfs), "readonly": True}
+    cfg["process"]["terminal"] = False
+    cfg["process"]["args"] = ["sh", "-c", "cat /workspace/.env; exit 3"]
+    cfg["mounts"].append({"destination": "/workspace", "type": "bind", "source": str(repo),
+                          "options": ["rbind", "rw"]})
+    cfg["annotations"] = {"agentfense.io/policy": json.dumps(POLICY)}
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    cid = unique("run")
+    p = sh([BIN, "--root", tmp_path / "root", "run", "--bundle", bundle, cid])
+    assert p.returncode == 3, p.stderr
+    recs = records(cid)
+    assert recs[-1]["event"] == "delete" and recs[-1]["info"]["exit_status"] == 3
+    assert any(r.get("op") == "lookup" and r["path"] == "/.env" for r in recs)
+    assert audit("verify", cid).returncode == 0
+    no_leftovers()

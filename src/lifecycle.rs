@@ -348,6 +348,13 @@ pub fn note_start(admin: &AdminConfig, id: &str) -> Result<()> {
 /// Tears down container `id`'s fences: daemons stopped, mounts gone, the delta kept.
 /// Idempotent; a container that was never fenced is fine.
 pub fn teardown(admin: &AdminConfig, id: &str) -> Result<()> {
+    teardown_with_status(admin, id, None)
+}
+
+/// [`teardown`], recording the container's exit status in the `delete` audit record when the
+/// runtime knows it (`run` in the foreground; under an engine, the engine reaps the process
+/// and the runtime never learns it).
+pub fn teardown_with_status(admin: &AdminConfig, id: &str, exit_status: Option<i32>) -> Result<()> {
     let Some(mut record) = read_record(admin, id)? else {
         return Ok(());
     };
@@ -373,8 +380,13 @@ pub fn teardown(admin: &AdminConfig, id: &str) -> Result<()> {
     write_json(&cdir.join("fence.json"), &record)?;
     if was_live && record.audit != AuditLevel::Off {
         // After the daemons are gone: their last records and counts are in the file.
-        audit::append_delete(&cdir.join(AUDIT_FILE), id, None, serde_json::json!({}))
-            .with_context(|| format!("failed to write the delete record of {id}"))?;
+        audit::append_delete(
+            &cdir.join(AUDIT_FILE),
+            id,
+            exit_status,
+            serde_json::json!({}),
+        )
+        .with_context(|| format!("failed to write the delete record of {id}"))?;
     }
     match first_err {
         Some(e) => Err(e),

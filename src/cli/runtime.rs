@@ -407,7 +407,7 @@ fn run(args: liboci_cli::Run, ctx: &Ctx) -> Result<i32> {
     let result = forward_signals_until_exit(pid);
     if !args.keep {
         c.delete(true)?;
-        lifecycle::teardown(&admin, &args.container_id)?;
+        lifecycle::teardown_with_status(&admin, &args.container_id, result.as_ref().ok().copied())?;
     }
     result
 }

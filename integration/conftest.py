@@ -184,3 +184,30 @@ def cleanup_docker():
     yield names
     for n in names:
         sh([DOCKER, "rm", "-f", n])
+
+
+def export_rootfs(dest):
+    """The busybox test image's file system, unpacked at dest (for driving the runtime
+    directly, without an engine)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    sh(["sh", "-c", f"{DOCKER} export $({DOCKER} create {IMAGE} true) | tar -C {dest} -x"], check=True)
+    return dest
+
+
+def make_bundle(tmp_path, args, annotations, workspace=None, rootfs=None):
+    """An OCI bundle over the test image's rootfs (read-only) running `args`, with the given
+    annotations and, when `workspace` is a host directory, a bind mount of it at /workspace."""
+    rootfs = rootfs or export_rootfs(tmp_path / "rootfs")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    sh([BIN, "spec", "--bundle", bundle], check=True)
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["root"] = {"path": str(rootfs), "readonly": True}
+    cfg["process"]["terminal"] = False
+    cfg["process"]["args"] = args
+    if workspace is not None:
+        cfg["mounts"].append({"destination": "/workspace", "type": "bind", "source": str(workspace),
+                              "options": ["rbind", "rw"]})
+    cfg["annotations"] = annotations
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    return bundle

@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from conftest import BIN, CTR, CTR_IMAGE, CTR_NS, DOCKER, IMAGE, sh, unique
+from conftest import BIN, CTR, CTR_IMAGE, CTR_NS, DOCKER, IMAGE, make_bundle, sh, unique
 from test_fence import no_leftovers
 
 STATE = Path("/var/lib/agentfense/containers")
@@ -160,21 +160,9 @@ def test_foreground_run_records_the_exit_status(tmp_path, image):
     """`agentfense-runc run` reaps the container itself, so its delete record carries the
     exit status (under an engine the engine reaps it, and the field is null)."""
     import os
-    rootfs = tmp_path / "rootfs"
-    sh(["sh", "-c", f"mkdir -p {rootfs} && {DOCKER} export $({DOCKER} create {IMAGE} true) "
-                    f"| tar -C {rootfs} -x"], check=True)
     repo = repo_at(tmp_path)
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    sh([BIN, "spec", "--bundle", bundle], check=True)
-    cfg = json.loads((bundle / "config.json").read_text())
-    cfg["root"] = {"path": str(rootfs), "readonly": True}
-    cfg["process"]["terminal"] = False
-    cfg["process"]["args"] = ["sh", "-c", "cat /workspace/.env; exit 3"]
-    cfg["mounts"].append({"destination": "/workspace", "type": "bind", "source": str(repo),
-                          "options": ["rbind", "rw"]})
-    cfg["annotations"] = {"agentfense.io/policy": json.dumps(POLICY)}
-    (bundle / "config.json").write_text(json.dumps(cfg))
+    bundle = make_bundle(tmp_path, ["sh", "-c", "cat /workspace/.env; exit 3"],
+                         {"agentfense.io/policy": json.dumps(POLICY)}, repo)
     cid = unique("run")
     p = sh([BIN, "--root", tmp_path / "root", "run", "--bundle", bundle, cid])
     assert p.returncode == 3, p.stderr

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import (
-    BIN, CTR, CTR_IMAGE, CTR_NS, DOCKER, IMAGE, PODMAN, PODMAN_ULIMITS, REPO, sh, unique, wait_for,
+    BIN, CTR, CTR_IMAGE, CTR_NS, DOCKER, IMAGE, PODMAN, PODMAN_ULIMITS, REPO, export_rootfs,
+    make_bundle, sh, unique, wait_for,
 )
 
 LEVELS = ("none", "view", "read", "write")
@@ -385,22 +386,9 @@ def test_failed_create_after_fencing_leaves_nothing(docker_engine, image, tmp_pa
 def test_delete_force_cleans_up_after_a_runtime_that_lost_its_state(tmp_path, image):
     """As after a runtime killed half way through create: the fence is up, the container's
     state is gone. `delete --force` still stops the daemon and unmounts."""
-    rootfs = tmp_path / "rootfs"
-    sh(["sh", "-c", f"mkdir -p {rootfs} && {DOCKER} export $({DOCKER} create {IMAGE} true) "
-                    f"| tar -C {rootfs} -x"], check=True)
     repo = tmp_path / "repo"
     repo.mkdir()
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    sh([BIN, "spec", "--bundle", bundle], check=True)
-    cfg = json.loads((bundle / "config.json").read_text())
-    cfg["root"] = {"path": str(rootfs), "readonly": True}
-    cfg["process"]["terminal"] = False
-    cfg["process"]["args"] = ["sleep", "1000"]
-    cfg["mounts"].append({"destination": "/workspace", "type": "bind", "source": str(repo),
-                          "options": ["rbind", "rw"]})
-    cfg["annotations"] = {"agentfense.io/preset": "read-only"}
-    (bundle / "config.json").write_text(json.dumps(cfg))
+    bundle = make_bundle(tmp_path, ["sleep", "1000"], {"agentfense.io/preset": "read-only"}, repo)
     root = tmp_path / "runtime-root"
     cid = unique("crash")
     # The container keeps the stdio it is given: give it a file, not a pipe.
@@ -425,19 +413,11 @@ def test_image_symlink_cannot_point_the_workspace_at_the_host(tmp_path, image):
     hostdir = tmp_path / "hostdir"
     (hostdir / "app").mkdir(parents=True)
     (hostdir / "app" / "host.txt").write_text("HOST-ONLY\n")
-    rootfs = tmp_path / "rootfs"
-    sh(["sh", "-c", f"mkdir -p {rootfs} && {DOCKER} export $({DOCKER} create {IMAGE} true) "
-                    f"| tar -C {rootfs} -x"], check=True)
+    rootfs = export_rootfs(tmp_path / "rootfs")
     os.symlink(hostdir, rootfs / "proj")
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    sh([BIN, "spec", "--bundle", bundle], check=True)
-    cfg = json.loads((bundle / "config.json").read_text())
-    cfg["root"] = {"path": str(rootfs), "readonly": True}
-    cfg["process"]["terminal"] = False
-    cfg["process"]["args"] = ["cat", "/proj/app/host.txt"]
-    cfg["annotations"] = {"agentfense.io/preset": "read-only", "agentfense.io/workspace": "/proj/app"}
-    (bundle / "config.json").write_text(json.dumps(cfg))
+    bundle = make_bundle(tmp_path, ["cat", "/proj/app/host.txt"],
+                         {"agentfense.io/preset": "read-only", "agentfense.io/workspace": "/proj/app"},
+                         rootfs=rootfs)
     p = sh([BIN, "--root", tmp_path / "root", "run", "--bundle", bundle, unique("sym")])
     assert p.returncode != 0
     assert "HOST-ONLY" not in p.stdout
@@ -446,24 +426,11 @@ def test_image_symlink_cannot_point_the_workspace_at_the_host(tmp_path, image):
 
 
 def test_second_create_under_the_same_id_leaves_the_first_fence_alone(tmp_path, image):
-    rootfs = tmp_path / "rootfs"
-    sh(["sh", "-c", f"mkdir -p {rootfs} && {DOCKER} export $({DOCKER} create {IMAGE} true) "
-                    f"| tar -C {rootfs} -x"], check=True)
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "a.txt").write_text("a\n")
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    sh([BIN, "spec", "--bundle", bundle], check=True)
-    cfg = json.loads((bundle / "config.json").read_text())
-    cfg["root"] = {"path": str(rootfs), "readonly": True}
-    cfg["process"]["terminal"] = False
-    cfg["process"]["args"] = ["sleep", "1000"]
-    cfg["mounts"].append({"destination": "/workspace", "type": "bind", "source": str(repo),
-                          "options": ["rbind", "rw"]})
-    cfg["annotations"] = {"agentfense.io/preset": "read-only"}
-    original = json.dumps(cfg)
-    (bundle / "config.json").write_text(original)
+    bundle = make_bundle(tmp_path, ["sleep", "1000"], {"agentfense.io/preset": "read-only"}, repo)
+    original = (bundle / "config.json").read_text()
     root = tmp_path / "runtime-root"
     cid = unique("dup")
     with open(tmp_path / "err", "w") as err:
@@ -485,7 +452,7 @@ def table_image(image, tmp_path_factory):
     """An image whose own /workspace holds the table's layout (no bind mount)."""
     name = "agentfense-test/table:latest"
     root = tmp_path_factory.mktemp("table-rootfs")
-    sh(["sh", "-c", f"{DOCKER} export $({DOCKER} create {IMAGE} true) | tar -C {root} -x"], check=True)
+    export_rootfs(root)
     make_table_repo(root / "workspace")
     tar = root.parent / "table.tar"
     sh(["tar", "-C", root, "-cf", tar, "."], check=True)

@@ -243,11 +243,6 @@ impl Layers {
         sfs::open_beneath(self.root(layer), rel, flags, Mode::empty())
     }
 
-    /// Fresh metadata of a found entry, from its layer.
-    pub fn stat(&self, rel: &str, layer: Layer) -> Res<Option<Stat>> {
-        sfs::lstat(self.root(layer), rel)
-    }
-
     /// Makes sure directory `rel` exists in the upper layer, creating it and its missing
     /// ancestors as copies of their base counterparts (mode, owner, times; not opaque).
     pub fn ensure_upper_dir(&self, rel: &str) -> Res<()> {

@@ -43,7 +43,7 @@ use crate::audit::{AccessRecord, AuditDecision, AuditLog, Op};
 use crate::policy::{Level, Policy};
 use crate::sys::fs::{self as sfs, Errno, FileType, Mode, OFlags};
 use layers::{is_private_xattr, rel, Found, Layer, Layers};
-use nodes::{child_path, Node, Nodes, ROOT};
+use nodes::{child_path, parent_path, Node, Nodes, ROOT};
 
 /// How long the kernel may cache entries and attributes. Host changes to the base show
 /// through within this time (SPEC §5: about a second).
@@ -197,6 +197,22 @@ impl Fence {
         };
         self.note(op, path, is_dir, d, None, Some(e));
         e
+    }
+
+    /// `ENOENT` for a path that is not there for the container. A probe of a path the policy
+    /// hides (whether or not it exists) is recorded; misses of visible paths are not.
+    fn missing(&self, op: Op, path: &str, is_dir: bool) -> Errno {
+        if self.audit.is_some() && !self.policy.decide(path, is_dir).visible() {
+            self.note(
+                op,
+                path,
+                false,
+                AuditDecision::Hidden,
+                None,
+                Some(Errno::NOENT),
+            );
+        }
+        Errno::NOENT
     }
 
     fn allowed(&self, op: Op, path: &str, is_dir: bool, to: Option<&str>) {
@@ -402,11 +418,7 @@ impl Fence {
     }
 
     fn with_file<T>(&self, fh: FileHandle, f: impl FnOnce(&OwnedFd) -> Res<T>) -> Res<T> {
-        let h = self.handle(fh)?;
-        match &*h {
-            Handle::File(fd, _) => f(fd),
-            _ => Err(Errno::BADF),
-        }
+        self.with_handle(fh, |fd, _| f(fd))
     }
 
     fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Res<FileAttr> {
@@ -415,19 +427,7 @@ impl Fence {
         let name = valid_name(name)?;
         let (path, found) = self.child(&parent, name)?;
         let Some(f) = found else {
-            // A probe: the container asked for a path the policy hides (whether or not it
-            // exists). Misses of visible paths are not recorded.
-            if self.audit.is_some() && !self.policy.decide(&path, true).visible() {
-                self.note(
-                    Op::Lookup,
-                    &path,
-                    false,
-                    AuditDecision::Hidden,
-                    None,
-                    Some(Errno::NOENT),
-                );
-            }
-            return Err(Errno::NOENT);
+            return Err(self.missing(Op::Lookup, &path, true));
         };
         self.entry(&parent, &path, &f)
     }
@@ -578,17 +578,7 @@ impl Fence {
         let (path, found) = self.child(&parent, name)?;
         let op = if dir { Op::Rmdir } else { Op::Unlink };
         let Some(f) = found else {
-            if self.audit.is_some() && !self.policy.decide(&path, dir).visible() {
-                self.note(
-                    op,
-                    &path,
-                    dir,
-                    AuditDecision::Hidden,
-                    None,
-                    Some(Errno::NOENT),
-                );
-            }
-            return Err(Errno::NOENT);
+            return Err(self.missing(op, &path, dir));
         };
         self.need_write(op, &path, f.is_dir())?;
         match (dir, f.is_dir()) {
@@ -776,8 +766,7 @@ impl Fence {
             nodes.exchanged(from, to);
         }
         for p in [from, to] {
-            let (pp, _) = p.rsplit_once('/').unwrap_or(("", ""));
-            let pp = if pp.is_empty() { "/" } else { pp };
+            let pp = parent_path(p);
             let parent = self
                 .nodes
                 .lock()
@@ -919,8 +908,7 @@ impl Fence {
         // what the container sees.
         let children = self.visible_children(&node.path, &f)?;
         let parent_ino = {
-            let (pp, _) = node.path.rsplit_once('/').unwrap_or(("", ""));
-            let pp = if pp.is_empty() { "/" } else { pp };
+            let pp = parent_path(&node.path);
             self.nodes
                 .lock()
                 .ok()

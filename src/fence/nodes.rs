@@ -37,6 +37,14 @@ pub fn child_path(dir: &str, name: &str) -> String {
     }
 }
 
+/// The path of the directory holding `path` (the root's is the root).
+pub fn parent_path(path: &str) -> &str {
+    match path.rsplit_once('/') {
+        Some(("", _)) | None => "/",
+        Some((p, _)) => p,
+    }
+}
+
 impl Nodes {
     pub fn new(root_merge: bool) -> Nodes {
         let mut n = Nodes {
@@ -210,5 +218,8 @@ mod tests {
     fn child_paths() {
         assert_eq!(child_path("/", "a"), "/a");
         assert_eq!(child_path("/a", "b"), "/a/b");
+        assert_eq!(parent_path("/a/b"), "/a");
+        assert_eq!(parent_path("/a"), "/");
+        assert_eq!(parent_path("/"), "/");
     }
 }

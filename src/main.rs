@@ -1,10 +1,22 @@
 //! agentfense-runc's entry point: seal, then hand argv to the CLI.
 
 fn main() {
-    // First thing, before parsing anything: re-execute from a sealed copy (CVE-2019-5736).
-    if let Err(e) = agentfense::sys::ensure_sealed() {
-        eprintln!("failed to seal /proc/self/exe: {e}");
-        std::process::exit(1);
+    let daemon = std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "fence-daemon");
+    if !daemon {
+        // Remember where the binary is on disk: fence daemons are started from there rather
+        // than from the sealed copy (see `agentfense::sys::daemon_exe`).
+        if std::env::var_os(agentfense::sys::EXE_ENV).is_none() {
+            if let Ok(p) = std::env::current_exe() {
+                std::env::set_var(agentfense::sys::EXE_ENV, p);
+            }
+        }
+        // First thing, before parsing anything: re-execute from a sealed copy (CVE-2019-5736).
+        if let Err(e) = agentfense::sys::ensure_sealed() {
+            eprintln!("failed to seal /proc/self/exe: {e}");
+            std::process::exit(1);
+        }
     }
     std::process::exit(agentfense::cli::main_with_args(std::env::args_os()));
 }

@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod delta;
 pub mod fence;
 pub mod lifecycle;
 pub mod logging;

@@ -34,6 +34,9 @@ pub struct WorkspaceRecord {
     pub upper: PathBuf,
     pub mountpoint: PathBuf,
     pub daemon: Option<DaemonHandle>,
+    /// What the base held where the delta took over (None: delta off).
+    #[serde(default)]
+    pub origins: Option<PathBuf>,
 }
 
 /// `fence.json`: what the runtime set up for a container.
@@ -73,6 +76,11 @@ fn key(dest: &str) -> String {
         .take(32)
         .collect();
     format!("{name}-{:02x}{:02x}{:02x}{:02x}", h[0], h[1], h[2], h[3])
+}
+
+/// Where a workspace's origins are recorded (see [`crate::delta::origins`]).
+pub fn origins_path(cdir: &Path, key: &str) -> PathBuf {
+    cdir.join(format!("origins-{key}.jsonl"))
 }
 
 fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
@@ -154,12 +162,6 @@ pub fn prepare(
     let Some(req) = request_of(&spec, admin)? else {
         return Ok(None);
     };
-    if matches!(req.delta, DeltaMode::Commit | DeltaMode::Discard) {
-        bail!(
-            "agentfense: agentfense.io/delta={} is not available yet; use keep or off",
-            req.delta
-        );
-    }
     // A second create under the id of an existing container fails in libcontainer; it must
     // not touch that container's fences on the way.
     if runtime_root.join(id).exists() {
@@ -243,7 +245,7 @@ fn start_fences(
     admin: &AdminConfig,
     record: &mut FenceRecord,
 ) -> Result<Vec<PathBuf>> {
-    let exe = PathBuf::from("/proc/self/exe");
+    let exe = crate::sys::daemon_exe();
     let mut mountpoints = Vec::new();
     for p in plans {
         let k = key(&p.dest);
@@ -312,7 +314,9 @@ fn start_fences(
             audit_path: (req.audit != AuditLevel::Off).then(|| cdir.join(AUDIT_FILE)),
             audit_level: req.audit,
             audit_overflow: admin.audit_overflow,
+            origins: (req.delta != DeltaMode::Off).then(|| origins_path(cdir, &k)),
         };
+        let origins = cfg.origins.clone();
         let cfg_path = cdir.join(format!("daemon-{k}.json"));
         write_json(&cfg_path, &cfg)?;
         record.workspaces.push(WorkspaceRecord {
@@ -321,6 +325,7 @@ fn start_fences(
             upper,
             mountpoint: mountpoint.clone(),
             daemon: None,
+            origins,
         });
         let handle = daemon::spawn(&exe, &cfg_path, &cfg, &cdir.join(format!("daemon-{k}.log")))
             .with_context(|| format!("agentfense: workspace {}", p.dest))?;
@@ -348,15 +353,50 @@ pub fn note_start(admin: &AdminConfig, id: &str) -> Result<()> {
 /// Tears down container `id`'s fences: daemons stopped, mounts gone, the delta kept.
 /// Idempotent; a container that was never fenced is fine.
 pub fn teardown(admin: &AdminConfig, id: &str) -> Result<()> {
-    teardown_with_status(admin, id, None)
+    teardown_with_status(admin, id, None).map(|_| ())
+}
+
+/// The container's delete: its fences torn down, then its delta settled as it asked
+/// (`agentfense.io/delta`: `commit` applies it to the base, `discard` drops it, `keep` and
+/// `off` leave things as they are). Settling happens once, when a live fence is torn down; a
+/// commit's conflicts (and errors) are logged and recorded in the audit trail and never fail
+/// the delete: what did not land stays in the kept delta, for `agentfense-runc commit ID`.
+pub fn delete(admin: &AdminConfig, id: &str, exit_status: Option<i32>) -> Result<()> {
+    if !teardown_with_status(admin, id, exit_status)? {
+        return Ok(());
+    }
+    let Some(rec) = read_record(admin, id)? else {
+        return Ok(());
+    };
+    match rec.delta {
+        DeltaMode::Commit => match crate::delta::commit(admin, id, &rec) {
+            Ok(r) => {
+                for c in &r.conflicts {
+                    tracing::warn!("commit of {id}: conflict at {}: {}", c.path, c.reason);
+                }
+            }
+            Err(e) => tracing::warn!("commit of {id} stopped, its delta is kept: {e:#}"),
+        },
+        DeltaMode::Discard => {
+            if let Err(e) = crate::delta::discard(admin, id, &rec) {
+                tracing::warn!("discarding the delta of {id}: {e:#}");
+            }
+        }
+        DeltaMode::Keep | DeltaMode::Off => {}
+    }
+    Ok(())
 }
 
 /// [`teardown`], recording the container's exit status in the `delete` audit record when the
 /// runtime knows it (`run` in the foreground; under an engine, the engine reaps the process
-/// and the runtime never learns it).
-pub fn teardown_with_status(admin: &AdminConfig, id: &str, exit_status: Option<i32>) -> Result<()> {
+/// and the runtime never learns it). Returns whether a live fence was torn down.
+pub fn teardown_with_status(
+    admin: &AdminConfig,
+    id: &str,
+    exit_status: Option<i32>,
+) -> Result<bool> {
     let Some(mut record) = read_record(admin, id)? else {
-        return Ok(());
+        return Ok(false);
     };
     let mut first_err = None;
     for w in &mut record.workspaces {
@@ -390,7 +430,7 @@ pub fn teardown_with_status(admin: &AdminConfig, id: &str, exit_status: Option<i
     }
     match first_err {
         Some(e) => Err(e),
-        None => Ok(()),
+        None => Ok(was_live),
     }
 }
 

@@ -33,8 +33,8 @@ fn bad(line: u64, reason: impl Into<String>) -> VerifyError {
 /// id created again) may follow.
 ///
 /// So it detects: a line removed, inserted, edited or moved anywhere before the last line; a
-/// cut head; a damaged or torn line; records appended after a `delete` other than a new
-/// `create`.
+/// cut head; a damaged or torn line; records appended after a `delete` other than `commit`
+/// records and a new `create`.
 ///
 /// It cannot detect: a cut tail while the container runs (or a cut that removes the `delete`
 /// record together with everything after it: a deleted container's log must end with its
@@ -135,17 +135,21 @@ pub fn verify_with(path: &Path, opts: &VerifyOptions) -> Result<u64, VerifyError
         if rec.is_access() && (rec.op.is_none() || rec.path.is_none() || rec.decision.is_none()) {
             return Err(bad(n, "access record without op, path or decision"));
         }
-        if after_delete && rec.event != "create" {
+        // After a delete: settling the delta (`commit`, at delete or later), or a new create.
+        if after_delete && rec.event != "create" && rec.event != "commit" {
             return Err(bad(
                 n,
                 format!(
-                    "{} record after the delete record (only a new create may follow it)",
+                    "{} record after the delete record (only a commit or a new create may \
+                     follow it)",
                     rec.event
                 ),
             ));
         }
-        after_delete = rec.event == "delete";
-        if after_delete {
+        if rec.event != "commit" {
+            after_delete = rec.event == "delete";
+        }
+        if rec.event == "delete" {
             let head = rec.info.get("head").and_then(|h| h.as_str());
             if head != Some(prev.as_str()) {
                 return Err(bad(

@@ -10,6 +10,7 @@ use liboci_cli::{CommonCmd, GlobalOpts, StandardCmd};
 use crate::logging::{LogFormat, Logger};
 
 pub mod audit;
+pub mod delta;
 pub mod executor;
 pub mod policy;
 pub mod runtime;
@@ -78,6 +79,17 @@ pub enum Command {
     Common(Box<CommonCmd>),
     /// Show, summarise and verify a container's audit trail.
     Audit(audit::AuditArgs),
+    /// Print a container's delta as an OCI image layer (tar) on stdout: `.wh.` files for
+    /// deletions, `.wh..wh..opq` for replaced directories.
+    Export(delta::IdArg),
+    /// What a fenced container changed in its workspaces, like `docker diff`: `A`dded,
+    /// `C`hanged, `D`eleted.
+    Diff(delta::DiffArgs),
+    /// Apply a deleted container's delta to its workspace on the host, file by file and
+    /// atomically, keeping whatever changed on the host meanwhile (listed as conflicts; exit 2).
+    Commit(delta::DiffArgs),
+    /// Remove the state (delta, audit trail) of fenced containers that no longer exist.
+    Gc(delta::GcArgs),
     /// Validate, explain and describe policies.
     Policy {
         #[command(subcommand)]
@@ -128,7 +140,15 @@ where
         let _ = Opts::command().print_help();
         return 0;
     };
-    if matches!(cmd, Command::Policy { .. } | Command::Audit(_)) {
+    if matches!(
+        cmd,
+        Command::Policy { .. }
+            | Command::Audit(_)
+            | Command::Export(_)
+            | Command::Diff(_)
+            | Command::Commit(_)
+            | Command::Gc(_)
+    ) {
         let admin = match crate::lifecycle::admin_config(opts.agentfense.config.as_deref()) {
             Ok(a) => a,
             Err(e) => {
@@ -139,6 +159,10 @@ where
         let result = match cmd {
             Command::Audit(args) => audit::run(args, &admin),
             Command::Policy { cmd } => policy::run(cmd, &admin),
+            Command::Export(args) => delta::export(args, &admin),
+            Command::Diff(args) => delta::diff(args, &admin),
+            Command::Commit(args) => delta::commit(args, &admin),
+            Command::Gc(args) => delta::gc(args, &admin),
             _ => Ok(1),
         };
         return match result {

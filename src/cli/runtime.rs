@@ -79,7 +79,13 @@ pub fn dispatch(cmd: Command, global: &GlobalOpts, agentfense: &AgentfenseOpts) 
             CommonCmd::Update(a) => update(a, &ctx).map(|_| 0),
             CommonCmd::Features(_) | CommonCmd::Spec(_) => Ok(0),
         },
-        Command::FenceDaemon { .. } | Command::Policy { .. } | Command::Audit(_) => {
+        Command::FenceDaemon { .. }
+        | Command::Policy { .. }
+        | Command::Audit(_)
+        | Command::Export(_)
+        | Command::Diff(_)
+        | Command::Commit(_)
+        | Command::Gc(_) => {
             bail!("not a runtime command")
         }
     }
@@ -266,7 +272,7 @@ fn delete(id: &str, force: bool, ctx: &Ctx) -> Result<()> {
     let result = delete_container(id, force, ctx);
     if result.is_ok() || !container_dir(ctx, id)?.join("state.json").exists() {
         let admin = lifecycle::admin_config(ctx.agentfense.config.as_deref())?;
-        lifecycle::teardown(&admin, id)?;
+        lifecycle::delete(&admin, id, None)?;
     }
     result
 }
@@ -407,7 +413,7 @@ fn run(args: liboci_cli::Run, ctx: &Ctx) -> Result<i32> {
     let result = forward_signals_until_exit(pid);
     if !args.keep {
         c.delete(true)?;
-        lifecycle::teardown_with_status(&admin, &args.container_id, result.as_ref().ok().copied())?;
+        lifecycle::delete(&admin, &args.container_id, result.as_ref().ok().copied())?;
     }
     result
 }

@@ -45,6 +45,9 @@ pub struct DaemonConfig {
     pub audit_level: AuditLevel,
     #[serde(default)]
     pub audit_overflow: AuditOverflow,
+    /// Where to record what the base held at each path the delta takes over (for `commit`).
+    #[serde(default)]
+    pub origins: Option<PathBuf>,
 }
 
 fn default_threads() -> usize {
@@ -86,16 +89,24 @@ pub fn run(config_path: &Path) -> Result<()> {
         ),
         _ => None,
     };
-    let fence = Fence::new(policy, cfg.base.as_deref(), &cfg.upper, audit).map_err(|e| {
-        if e == crate::sys::fs::Errno::MEDIUMTYPE {
-            anyhow!(
+    let origins = match (&cfg.origins, &cfg.base) {
+        (Some(p), Some(_)) => crate::delta::origins::Origins::open(p)
+            .with_context(|| format!("failed to open {}", p.display()))?,
+        _ => crate::delta::origins::Origins::disabled(),
+    };
+    let layers = crate::fence::layers::Layers::open_with(cfg.base.as_deref(), &cfg.upper, origins);
+    let fence = layers
+        .and_then(|l| Fence::with_layers(policy, l, audit))
+        .map_err(|e| {
+            if e == crate::sys::fs::Errno::MEDIUMTYPE {
+                anyhow!(
                 "the workspace's file system matches names ignoring case; fencing it would let \
                  another spelling of a hidden name through, so it is refused"
             )
-        } else {
-            anyhow!("failed to open the workspace layers: {e}")
-        }
-    })?;
+            } else {
+                anyhow!("failed to open the workspace layers: {e}")
+            }
+        })?;
     let mut options = vec![
         fuser::MountOption::FSName(format!("agentfense:{}", cfg.container_id)),
         fuser::MountOption::Subtype("agentfense".into()),

@@ -6,9 +6,10 @@
 //!   (containers cannot create character devices through the fence: `mknod` of devices is
 //!   refused), so no file name can be mistaken for one;
 //! - a directory that replaces a deleted one is marked *opaque* with the `trusted.` extended
-//!   attribute [`OPAQUE_XATTR`], and a copied-up file records its base identity in
-//!   [`ORIGIN_XATTR`]; `trusted.agentfense.*` attributes are invisible to the container and it
-//!   cannot set them.
+//!   attribute [`OPAQUE_XATTR`]; `trusted.agentfense.*` attributes are invisible to the
+//!   container and it cannot set them;
+//! - what the base held at each path the upper layer took over is recorded outside the layer
+//!   (see [`crate::delta::origins`]), for `commit`.
 //!
 //! With copy-on-write off (`agentfense.io/delta=off`) there is no base: the upper layer *is*
 //! the workspace, and changes are made in place.
@@ -21,8 +22,6 @@ use crate::sys::fs::{self as sfs, Errno, FileType, Mode, OFlags, Res, Stat};
 
 /// Marks an upper directory whose base counterpart must not show through.
 pub const OPAQUE_XATTR: &str = "trusted.agentfense.opaque";
-/// Records, on a copied-up file, the base entry it was copied from (for `commit`).
-pub const ORIGIN_XATTR: &str = "trusted.agentfense.origin";
 /// The prefix of our own extended attributes.
 pub const PRIVATE_XATTR_PREFIX: &[u8] = b"trusted.agentfense.";
 
@@ -63,6 +62,8 @@ impl Found {
 pub struct Layers {
     base: Option<OwnedFd>,
     upper: OwnedFd,
+    /// What the base held where the upper layer took over (for `commit`).
+    origins: crate::delta::origins::Origins,
     /// Copy-ups (and the parent directories they create) run one at a time: two first writes
     /// racing on the same path must not fail with `EEXIST`.
     copy_lock: std::sync::Mutex<()>,
@@ -84,9 +85,20 @@ pub fn rel(path: &str) -> &str {
 impl Layers {
     /// Copy-on-write over `base`, changes in `upper`; or, with `base` None, changes in place.
     pub fn open(base: Option<&Path>, upper: &Path) -> Res<Layers> {
+        Self::open_with(base, upper, crate::delta::origins::Origins::disabled())
+    }
+
+    /// [`Layers::open`], recording into `origins` what the base held at each path the upper
+    /// layer takes over.
+    pub fn open_with(
+        base: Option<&Path>,
+        upper: &Path,
+        origins: crate::delta::origins::Origins,
+    ) -> Res<Layers> {
         let l = Layers {
             base: base.map(sfs::open_root).transpose()?,
             upper: sfs::open_root(upper)?,
+            origins,
             copy_lock: std::sync::Mutex::new(()),
         };
         for root in [l.base(), Some(l.upper())].into_iter().flatten() {
@@ -99,6 +111,7 @@ impl Layers {
         // attributes) stick; it starts as a copy of the base root's metadata (once: a
         // container created again under the same id keeps what it changed).
         if let Some(b) = l.base() {
+            l.claim(".")?;
             if sfs::get_xattr(l.upper(), ".", OsStr::new(ROOT_INIT_XATTR)).is_err() {
                 let st = sfs::lstat(b, ".")?.ok_or(Errno::NOENT)?;
                 l.copy_attrs(".", &st)?;
@@ -110,6 +123,12 @@ impl Layers {
 
     pub fn cow(&self) -> bool {
         self.base.is_some()
+    }
+
+    /// Records what the base holds at `rel` before the upper layer takes the path over (the
+    /// first time only).
+    pub fn claim(&self, rel: &str) -> Res<()> {
+        self.origins.claim(self.base(), rel)
     }
 
     pub fn upper(&self) -> BorrowedFd<'_> {
@@ -261,6 +280,7 @@ impl Layers {
         if sfs::file_type(&st) != FileType::Directory {
             return Err(Errno::NOTDIR);
         }
+        self.claim(rel)?;
         match sfs::mkdir(self.upper(), rel, 0o700) {
             Ok(()) => self.copy_attrs(rel, &st),
             // Made meanwhile by another request: fine if it is a directory.
@@ -297,6 +317,7 @@ impl Layers {
         let st = sfs::lstat(base, rel)?.ok_or(Errno::NOENT)?;
         let (parent, _) = sfs::split(rel);
         self.ensure_upper_dir(parent)?;
+        self.claim(rel)?;
         match sfs::file_type(&st) {
             FileType::Directory => self.ensure_upper_dir(rel),
             FileType::RegularFile => {
@@ -304,21 +325,6 @@ impl Layers {
                 let tmp = sfs::tmpfile_in(self.upper(), parent, 0o600)?;
                 sfs::copy_contents(src.as_fd(), tmp.as_fd())?;
                 sfs::copy_xattrs(base, rel, tmp.as_fd(), &is_private_xattr)?;
-                let origin = format!(
-                    "{{\"ino\":{},\"size\":{},\"mtime\":[{},{}],\"ctime\":[{},{}]}}",
-                    st.st_ino,
-                    st.st_size,
-                    st.st_mtime,
-                    st.st_mtime_nsec,
-                    st.st_ctime,
-                    st.st_ctime_nsec
-                );
-                let _ = rustix::fs::fsetxattr(
-                    &tmp,
-                    ORIGIN_XATTR,
-                    origin.as_bytes(),
-                    rustix::fs::XattrFlags::empty(),
-                );
                 rustix::fs::fchown(
                     &tmp,
                     Some(rustix::fs::Uid::from_raw(st.st_uid)),
@@ -370,6 +376,7 @@ impl Layers {
             let _one_at_a_time = self.copy_lock.lock().map_err(|_| Errno::IO)?;
             self.ensure_upper_dir(parent)?;
         }
+        self.claim(rel)?;
         sfs::mknod(self.upper(), rel, FileType::CharacterDevice, 0o000, 0)
     }
 
@@ -393,6 +400,9 @@ impl Layers {
         }
         if self.cow() && found.in_base {
             self.whiteout(rel)?;
+        } else {
+            // Given back entirely: a later host entry there is not the container's business.
+            self.origins.forget(rel)?;
         }
         Ok(())
     }

@@ -154,7 +154,11 @@ impl Fence {
         upper: &Path,
         audit: Option<AuditLog>,
     ) -> Res<Fence> {
-        let layers = Layers::open(base, upper)?;
+        Self::with_layers(policy, Layers::open(base, upper)?, audit)
+    }
+
+    /// A fence over layers opened by the caller.
+    pub fn with_layers(policy: Policy, layers: Layers, audit: Option<AuditLog>) -> Res<Fence> {
         let root = layers.root_entry()?;
         Ok(Fence {
             policy,
@@ -376,6 +380,7 @@ impl Fence {
             // Something hidden by the policy exists in the base there: never touch it.
             return Err(self.refused(op, &path, is_dir, Errno::ACCESS));
         }
+        self.layers.claim(r)?;
         Ok((path, had_whiteout))
     }
 
@@ -682,6 +687,7 @@ impl Fence {
                     sfs::unlink(self.layers.upper(), rt, false)?;
                 }
             }
+            self.layers.claim(rt)?;
             let had_whiteout = self.layers.clear_whiteout(rt)?;
             sfs::rename(self.layers.upper(), rf, rt, sfs::RenameFlags::NOREPLACE)?;
             // A directory moved over a deleted or replaced base directory must not let the
@@ -749,6 +755,7 @@ impl Fence {
             } else {
                 self.layers.copy_up(rel(p))?;
             }
+            self.layers.claim(rel(p))?;
         }
         sfs::rename(
             self.layers.upper(),

@@ -416,6 +416,88 @@ pub fn copy_xattrs(
     Ok(())
 }
 
+/// Opens entry `name` of the open directory `dir`: one path component, any bytes (names that
+/// are not UTF-8 included), resolved like [`open_beneath`] and never followed. `.`, `..`, an
+/// empty name or one holding `/` is refused with `EINVAL`.
+pub fn open_entry(dir: BorrowedFd<'_>, name: &OsStr, flags: OFlags) -> Res<OwnedFd> {
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return Err(Errno::INVAL);
+    }
+    loop {
+        match rustix::fs::openat2(
+            dir,
+            name,
+            flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            RESOLVE,
+        ) {
+            Err(Errno::AGAIN) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Opens the very file an open descriptor (`O_PATH` included) refers to again, with `flags`
+/// (e.g. to read a regular file found with `O_PATH`, without looking its name up again).
+pub fn reopen(fd: BorrowedFd<'_>, flags: OFlags) -> Res<OwnedFd> {
+    rustix::fs::open(
+        proc_fd_path(fd).as_str(),
+        flags | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// The target of the symlink that `fd` (opened `O_PATH | O_NOFOLLOW`) refers to.
+pub fn readlink_fd(fd: BorrowedFd<'_>) -> Res<OsString> {
+    let target = rustix::fs::readlinkat(fd, "", Vec::new())?;
+    Ok(OsStr::from_bytes(target.as_bytes()).to_os_string())
+}
+
+/// Lists the extended attribute names of the file `fd` refers to (`O_PATH` included; a
+/// symlink's own attributes for a symlink).
+pub fn list_xattr_fd(fd: BorrowedFd<'_>) -> Res<Vec<OsString>> {
+    let p = proc_fd_path(fd);
+    let buf = sized_read(
+        || rustix::fs::listxattr_query(p.as_str()),
+        |b| rustix::fs::listxattr(p.as_str(), b),
+    )?;
+    Ok(buf
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| OsStr::from_bytes(n).to_os_string())
+        .collect())
+}
+
+/// Reads an extended attribute of the file `fd` refers to (`O_PATH` included).
+pub fn get_xattr_fd(fd: BorrowedFd<'_>, name: &OsStr) -> Res<Vec<u8>> {
+    let p = proc_fd_path(fd);
+    sized_read(
+        || rustix::fs::getxattr_query(p.as_str(), name),
+        |b| rustix::fs::getxattr(p.as_str(), name, b),
+    )
+}
+
+/// Asks for a size, then reads into a buffer of that size; again if the value grew between
+/// the two calls (`ERANGE`), a few times.
+fn sized_read(
+    query: impl Fn() -> Res<usize>,
+    read: impl Fn(&mut [u8]) -> Res<usize>,
+) -> Res<Vec<u8>> {
+    let mut tries = 0;
+    loop {
+        let mut buf = vec![0u8; query()?];
+        match read(&mut buf[..]) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(Errno::RANGE) if tries < 8 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,6 +552,40 @@ mod tests {
         assert_eq!(
             std::fs::read(dir.path().join("dst")).unwrap(),
             b"hello world"
+        );
+    }
+
+    #[test]
+    fn entries_by_any_name_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let odd = OsStr::from_bytes(b"caf\xe9");
+        std::fs::write(dir.path().join(odd), b"x").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("l")).unwrap();
+        let fd = open_root(dir.path()).unwrap();
+        let f = open_entry(fd.as_fd(), odd, OFlags::PATH).unwrap();
+        let r = reopen(f.as_fd(), OFlags::RDONLY).unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(rustix::io::read(&r, &mut buf).unwrap(), 1);
+        for bad in ["", ".", "..", "a/b"] {
+            assert_eq!(
+                open_entry(fd.as_fd(), OsStr::new(bad), OFlags::PATH).unwrap_err(),
+                Errno::INVAL
+            );
+        }
+        let l = open_entry(fd.as_fd(), OsStr::new("l"), OFlags::PATH).unwrap();
+        assert_eq!(
+            file_type(&rustix::fs::fstat(&l).unwrap()),
+            FileType::Symlink
+        );
+        assert_eq!(readlink_fd(l.as_fd()).unwrap(), "/etc/passwd");
+        assert!(open_entry(fd.as_fd(), OsStr::new("l"), OFlags::RDONLY).is_err());
+        set_xattr(fd.as_fd(), "l", OsStr::new("trusted.t"), b"v", 0).unwrap();
+        assert!(list_xattr_fd(l.as_fd())
+            .unwrap()
+            .contains(&OsString::from("trusted.t")));
+        assert_eq!(
+            get_xattr_fd(l.as_fd(), OsStr::new("trusted.t")).unwrap(),
+            b"v"
         );
     }
 

@@ -190,7 +190,11 @@ def export_rootfs(dest):
     """The busybox test image's file system, unpacked at dest (for driving the runtime
     directly, without an engine)."""
     dest.mkdir(parents=True, exist_ok=True)
-    sh(["sh", "-c", f"{DOCKER} export $({DOCKER} create {IMAGE} true) | tar -C {dest} -x"], check=True)
+    cid = sh([DOCKER, "create", IMAGE, "true"], check=True).stdout.strip()
+    try:
+        sh(["sh", "-c", f"{DOCKER} export {cid} | tar -C {dest} -x"], check=True)
+    finally:
+        sh([DOCKER, "rm", cid])
     return dest
 
 

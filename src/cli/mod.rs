@@ -12,8 +12,10 @@ use crate::logging::{LogFormat, Logger};
 pub mod audit;
 pub mod delta;
 pub mod executor;
+pub mod configure;
 pub mod policy;
 pub mod runtime;
+pub mod sandbox;
 
 /// The runtime's version line, in runc's shape (engines parse the first line).
 pub fn version_text() -> String {
@@ -90,6 +92,12 @@ pub enum Command {
     Commit(delta::DiffArgs),
     /// Remove the state (delta, audit trail) of fenced containers that no longer exist.
     Gc(delta::GcArgs),
+    /// Run one command with DIR fenced at /workspace, over a read-only view of the host's
+    /// system directories: no engine needed.
+    Sandbox(Box<sandbox::SandboxArgs>),
+    /// Register agentfense-runc as a runtime of Docker, containerd or podman (backup, merge,
+    /// never clobber).
+    Configure(configure::ConfigureArgs),
     /// Validate, explain and describe policies.
     Policy {
         #[command(subcommand)]
@@ -166,6 +174,15 @@ where
             _ => Ok(1),
         };
         return match result {
+            Ok(code) => code,
+            Err(e) => {
+                logger.fatal(&format!("{e:#}"));
+                1
+            }
+        };
+    }
+    if let Command::Configure(args) = cmd {
+        return match configure::run(args) {
             Ok(code) => code,
             Err(e) => {
                 logger.fatal(&format!("{e:#}"));

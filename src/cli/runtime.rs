@@ -79,13 +79,15 @@ pub fn dispatch(cmd: Command, global: &GlobalOpts, agentfense: &AgentfenseOpts) 
             CommonCmd::Update(a) => update(a, &ctx).map(|_| 0),
             CommonCmd::Features(_) | CommonCmd::Spec(_) => Ok(0),
         },
+        Command::Sandbox(args) => super::sandbox::run(*args, &ctx),
         Command::FenceDaemon { .. }
         | Command::Policy { .. }
         | Command::Audit(_)
         | Command::Export(_)
         | Command::Diff(_)
         | Command::Commit(_)
-        | Command::Gc(_) => {
+        | Command::Gc(_)
+        | Command::Configure(_) => {
             bail!("not a runtime command")
         }
     }

@@ -157,6 +157,36 @@ def test_inode_numbers_stable_and_host_changes_show(docker_engine, image, probe,
     no_leftovers()
 
 
+def test_host_changes_reach_warm_caches(docker_engine, image, probe, tmp_path, cleanup_docker):
+    """The kernel keeps names and attributes for minutes (the fence invalidates them when the
+    host changes the base): sizes, modes, deletions, renames and new names still show within
+    about a second, with every cache warm."""
+    repo = tmp_path / "repo"
+    (repo / "d" / "sub").mkdir(parents=True)
+    (repo / "d" / "f").write_text("1\n")
+    (repo / "d" / "gone").write_text("x\n")
+    (repo / "d" / "sub" / "s").write_text("s\n")
+    name = start(repo, probe)
+    cleanup_docker.append(name)
+    warm = "stat -c '%n %s %a' /w/d/f /w/d/gone /w/d/sub/s && ls /w/d /w/d/sub"
+    assert ex(name, warm).returncode == 0
+    assert ex(name, warm).returncode == 0
+    (repo / "d" / "f").write_text("longer now\n")
+    os.chmod(repo / "d" / "f", 0o600)
+    (repo / "d" / "gone").unlink()
+    (repo / "d" / "sub").rename(repo / "d" / "moved")
+    (repo / "d" / "new").write_text("n\n")
+    want = "/w/d/f 11 600\n" + "f\nmoved\nnew\n" + "missing missing\n"
+    probe_cmd = ("stat -c '%n %s %a' /w/d/f; ls /w/d; "
+                 "stat /w/d/gone >/dev/null 2>&1 || printf 'missing '; "
+                 "stat /w/d/sub >/dev/null 2>&1 || echo missing")
+    wait_for(lambda: ex(name, probe_cmd).stdout == want, "host changes to reach warm caches",
+             timeout=2)
+    assert ex(name, "cat /w/d/moved/s /w/d/new").stdout == "s\nn\n"
+    sh([DOCKER, "rm", "-f", name], check=True)
+    no_leftovers()
+
+
 def test_delta_off_writes_through(docker_engine, image, probe, tmp_path):
     repo = tmp_path / "repo"
     (repo / "out").mkdir(parents=True)

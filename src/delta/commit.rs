@@ -138,7 +138,7 @@ pub fn commit_workspace(ws: &Workspace, policy: &Policy, report: &mut Report) ->
         interrupt_after,
     };
     let root = sfs::lstat(c.upper.as_fd(), ".")?.ok_or_else(|| anyhow!("the delta is gone"))?;
-    c.dir(".", &root)?;
+    c.dir(".", &root, true)?;
     c.finish()
 }
 
@@ -231,10 +231,15 @@ impl Committer<'_> {
         }
     }
 
-    fn dir(&mut self, rel: &str, st_u: &Stat) -> Result<Outcome> {
+    /// `parent_merged`: whether the container saw the base's entries in the parent directory
+    /// (false beneath a directory it replaced).
+    fn dir(&mut self, rel: &str, st_u: &Stat, parent_merged: bool) -> Result<Outcome> {
         let before = self.report.conflicts.len();
         let is_root = rel == ".";
         let opaque = sfs::get_xattr(self.u(), rel, OsStr::new(OPAQUE_XATTR)).is_ok();
+        // Whether the container saw the base's entries in this directory; if not, those it
+        // did not make again were deleted (an opaque directory, or one made inside one).
+        let merged = parent_merged && !opaque;
         let base_now = sfs::lstat(self.b(), rel).map_err(|e| err(e, "stat", rel))?;
         let mut created = false;
         match &base_now {
@@ -258,7 +263,7 @@ impl Committer<'_> {
                         }
                     }
                 }
-                if opaque {
+                if !merged {
                     // The container replaced this directory: the base entries it did not make
                     // again were deleted in it.
                     for (name, _) in
@@ -326,7 +331,7 @@ impl Committer<'_> {
             };
             match sfs::file_type(&st) {
                 FileType::Directory => {
-                    self.dir(&child, &st)?;
+                    self.dir(&child, &st, merged)?;
                 }
                 FileType::CharacterDevice if st.st_rdev == 0 => {
                     if let Outcome::Done | Outcome::Kept = self.delete_base(&child)? {

@@ -114,12 +114,14 @@ impl Walk<'_> {
 
     fn dir(&self, rel: &str, merged: bool, out: &mut Vec<(Kind, String)>) -> Result<()> {
         let opaque = sfs::get_xattr(self.u, rel, OsStr::new(OPAQUE_XATTR)).is_ok();
+        // Beneath a replaced directory the base's entries were not seen: those not made again
+        // are deleted.
         let merged = merged && !opaque;
         let mut names = Vec::new();
         for (name, _) in sfs::read_dir(self.u, rel).map_err(|e| anyhow!("list {rel}: {e}"))? {
             names.push(name.to_string_lossy().into_owned());
         }
-        if opaque {
+        if !merged {
             for (name, _) in sfs::read_dir(self.b, rel).unwrap_or_default() {
                 let Some(n) = name.to_str() else { continue };
                 if !names.iter().any(|x| x == n) {
@@ -144,7 +146,7 @@ impl Walk<'_> {
                 self.shown(&child),
             ));
             if kind == FileType::Directory {
-                self.dir(&child, merged && in_base, out)?;
+                self.dir(&child, merged, out)?;
             }
         }
         Ok(())

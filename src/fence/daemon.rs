@@ -124,8 +124,16 @@ pub fn run(config_path: &Path) -> Result<()> {
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(cfg.threads.clamp(1, 64));
     config.clone_fd = true;
+    let invalidation = fence.invalidation();
     let session = fuser::Session::new(fence, &cfg.mountpoint, &config)
         .with_context(|| format!("failed to mount the fence at {}", cfg.mountpoint.display()))?;
+    if let Some((watch, nodes)) = invalidation {
+        let notifier = session.notifier();
+        std::thread::Builder::new()
+            .name("watch".into())
+            .spawn(move || watch.run(nodes, notifier))
+            .context("failed to start the watch thread")?;
+    }
     // Ready: the mount is live.
     println!("ready");
     redirect_stdout_to_null();

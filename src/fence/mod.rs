@@ -21,6 +21,7 @@
 pub mod daemon;
 pub mod layers;
 pub mod nodes;
+pub mod watch;
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -35,8 +36,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, Errno as FErrno, FileAttr, FileHandle, FileType as FType, Filesystem, FopenFlags,
     Generation, INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
-    RenameFlags as FRenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    RenameFlags as FRenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 
 use crate::audit::{AccessRecord, AuditDecision, AuditLog, Op};
@@ -59,16 +61,30 @@ fn ferr(e: Errno) -> FErrno {
 pub struct Fence {
     policy: Policy,
     layers: Layers,
-    nodes: Mutex<Nodes>,
+    nodes: std::sync::Arc<Mutex<Nodes>>,
+    /// Host changes to the base, turned into invalidations of the kernel's caches (so that
+    /// they may live long).
+    watch: Option<std::sync::Arc<watch::Watch>>,
     /// Namespace changes (create, remove, rename) are serialised; lookups and I/O are not.
     ns: RwLock<()>,
     handles: Mutex<HashMap<u64, std::sync::Arc<Handle>>>,
     next_fh: AtomicU64,
     audit: Option<AuditLog>,
+    /// Whether the kernel agreed to pass reads of open files straight to their backing files.
+    passthrough: bool,
+    /// The backing file registered for each inode with passthrough opens (the kernel wants one
+    /// per inode while any such open lasts).
+    backing: Mutex<HashMap<u64, std::sync::Weak<fuser::BackingId>>>,
 }
 
 enum Handle {
-    File(OwnedFd, Option<Box<OpenAudit>>),
+    /// An open file; with passthrough, the backing file registration it keeps alive (the
+    /// kernel reads through it until the handle is released).
+    File(
+        OwnedFd,
+        Option<Box<OpenAudit>>,
+        #[allow(dead_code)] Option<std::sync::Arc<fuser::BackingId>>,
+    ),
     Dir(Vec<(u64, FType, std::ffi::OsString)>),
 }
 
@@ -162,12 +178,15 @@ impl Fence {
         let root = layers.root_entry()?;
         Ok(Fence {
             policy,
-            nodes: Mutex::new(Nodes::new(root.merge_base)),
+            nodes: std::sync::Arc::new(Mutex::new(Nodes::new(root.merge_base))),
+            watch: watch::Watch::new().map(std::sync::Arc::new),
             layers,
             ns: RwLock::new(()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             audit,
+            passthrough: false,
+            backing: Mutex::new(HashMap::new()),
         })
     }
 
@@ -246,6 +265,7 @@ impl Fence {
     /// Looks up `name` in directory `parent`: the child's path and entry, if it exists for the
     /// container.
     fn child(&self, parent: &Node, name: &str) -> Res<(String, Option<Found>)> {
+        self.watch_dir(parent);
         let path = child_path(&parent.path, name);
         let found = self.layers.find(rel(&path), parent.merge_base)?;
         let found = found.filter(|f| self.policy.decide(&path, f.is_dir()).visible());
@@ -300,6 +320,47 @@ impl Fence {
             blksize: 4096,
             flags: 0,
         })
+    }
+
+    /// Watches directory `dir` in the host's layer (the base, or the workspace itself with
+    /// changes in place) before its entries are served, if the host can change them.
+    fn watch_dir(&self, dir: &Node) {
+        let Some(w) = &self.watch else { return };
+        let host = match self.layers.base() {
+            Some(b) if dir.merge_base => b,
+            Some(_) => return,
+            None => self.layers.upper(),
+        };
+        w.watch(host, &dir.path, rel(&dir.path));
+    }
+
+    /// How long the kernel may keep the entry and attributes of node `ino`: long when a change
+    /// reaches it as an invalidation (its directory is watched, or holds only the container's
+    /// own entries), else the short default.
+    fn ttl_of(&self, ino: u64) -> Duration {
+        let Some(w) = &self.watch else { return TTL };
+        let Some((path, parent_merge)) = self
+            .nodes
+            .lock()
+            .ok()
+            .and_then(|n| n.get(ino).map(|n| (n.path.clone(), n.parent_merge)))
+        else {
+            return TTL;
+        };
+        let stable = self.layers.cow() && (!parent_merge || path == "/");
+        if stable || w.watched(parent_path(&path)) {
+            watch::LONG_TTL
+        } else {
+            TTL
+        }
+    }
+
+    /// What the daemon needs to turn host changes into invalidations: the watch and the node
+    /// table (None without inotify).
+    pub fn invalidation(
+        &self,
+    ) -> Option<(std::sync::Arc<watch::Watch>, std::sync::Arc<Mutex<Nodes>>)> {
+        self.watch.clone().map(|w| (w, self.nodes.clone()))
     }
 
     /// The entries of directory `path` the container sees: name, type, child path.
@@ -411,7 +472,7 @@ impl Fence {
     ) -> Res<T> {
         let h = self.handle(fh)?;
         match &*h {
-            Handle::File(fd, audit) => f(fd, audit.as_deref()),
+            Handle::File(fd, audit, _) => f(fd, audit.as_deref()),
             _ => Err(Errno::BADF),
         }
     }
@@ -806,7 +867,13 @@ impl Fence {
         self.entry(&parent, &path, &f)
     }
 
-    fn do_open(&self, ino: INodeNo, flags: OpenFlags) -> Res<u64> {
+    /// Opens a file: the open file, what its close reports, and whether its reads may bypass
+    /// the daemon.
+    fn do_open(
+        &self,
+        ino: INodeNo,
+        flags: OpenFlags,
+    ) -> Res<(OwnedFd, Option<Box<OpenAudit>>, bool)> {
         let node = self.node(ino)?;
         let f = self.found(&node)?;
         let writing = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
@@ -851,7 +918,31 @@ impl Fence {
             return Err(Errno::ACCESS);
         }
         let audit = self.open_audit(&node.path, writing);
-        self.new_fh(Handle::File(fd, audit))
+        // Kernel passthrough: reads then go straight to the layer's file, without a round trip
+        // through the daemon. Only for files the policy makes read-only (they are never copied
+        // up or written through the fence, so the inode keeps one backing file), and only when
+        // the audit trail does not count the bytes read (the daemon no longer sees them).
+        let pass = self.passthrough && level == Level::Read && audit.is_none();
+        Ok((fd, audit, pass))
+    }
+
+    /// The backing file registration for `ino`: the one its open handles use, or a new one.
+    fn backing_for(
+        &self,
+        ino: u64,
+        fd: &OwnedFd,
+        reply: &ReplyOpen,
+    ) -> Option<std::sync::Arc<fuser::BackingId>> {
+        let mut map = self.backing.lock().ok()?;
+        if let Some(b) = map.get(&ino).and_then(|w| w.upgrade()) {
+            return Some(b);
+        }
+        let b = std::sync::Arc::new(reply.open_backing(fd).ok()?);
+        map.insert(ino, std::sync::Arc::downgrade(&b));
+        if map.len() > 4096 {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
+        Some(b)
     }
 
     /// The record an allowed open makes at close, if the audit level keeps it.
@@ -897,7 +988,7 @@ impl Fence {
         let attr = self.finish_create(req, &parent, &path)?;
         self.allowed(Op::Create, &path, false, None);
         let audit = self.open_audit(&path, true);
-        let fh = self.new_fh(Handle::File(fd, audit))?;
+        let fh = self.new_fh(Handle::File(fd, audit, None))?;
         Ok((attr, fh))
     }
 
@@ -911,6 +1002,7 @@ impl Fence {
             return Err(self.refused(Op::Opendir, &node.path, true, Errno::NOENT));
         }
         self.allowed(Op::Opendir, &node.path, true, None);
+        self.watch_dir(&node);
         // The listing is taken once, at open: offsets are positions in it, so they count only
         // what the container sees.
         let children = self.visible_children(&node.path, &f)?;
@@ -967,14 +1059,29 @@ fn reply_xattr(reply: ReplyXattr, size: u32, data: Res<Vec<u8>>) {
 }
 
 impl Filesystem for Fence {
-    fn init(&mut self, _req: &Request, _config: &mut KernelConfig) -> std::io::Result<()> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Backing files may live on overlayfs (a workspace that is the image's own directory),
+        // which is stacked once: allow that, so the fence itself is at depth 2 (nothing stacks
+        // on it; it is bind-mounted into the container).
+        // Listings carry attributes (no lookup per entry after a readdir), and lookups in one
+        // directory run in parallel (the fence serialises what must be).
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS
+                | fuser::InitFlags::FUSE_READDIRPLUS_AUTO
+                | fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+        );
+        self.passthrough = std::env::var_os("AGENTFENSE_NO_PASSTHROUGH").is_none()
+            && config.set_max_stack_depth(2).is_ok()
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok();
         Ok(())
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         set_who(req);
         match self.do_lookup(parent, name) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl_of(attr.ino.0), &attr, Generation(0)),
             Err(e) => reply.error(ferr(e)),
         }
     }
@@ -987,7 +1094,7 @@ impl Filesystem for Fence {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.do_getattr(ino) {
-            Ok(attr) => reply.attr(&TTL, &attr),
+            Ok(attr) => reply.attr(&self.ttl_of(attr.ino.0), &attr),
             Err(e) => reply.error(ferr(e)),
         }
     }
@@ -1012,7 +1119,7 @@ impl Filesystem for Fence {
     ) {
         set_who(req);
         match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
-            Ok(attr) => reply.attr(&TTL, &attr),
+            Ok(attr) => reply.attr(&self.ttl_of(attr.ino.0), &attr),
             Err(e) => reply.error(ferr(e)),
         }
     }
@@ -1037,7 +1144,7 @@ impl Filesystem for Fence {
     ) {
         set_who(req);
         match self.do_mknod(req, parent, name, mode) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl_of(attr.ino.0), &attr, Generation(0)),
             Err(e) => reply.error(ferr(e)),
         }
     }
@@ -1053,7 +1160,7 @@ impl Filesystem for Fence {
     ) {
         set_who(req);
         match self.do_mkdir(req, parent, name, mode) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl_of(attr.ino.0), &attr, Generation(0)),
             Err(e) => reply.error(ferr(e)),
         }
     }
@@ -1084,7 +1191,7 @@ impl Filesystem for Fence {
     ) {
         set_who(req);
         match self.do_symlink(req, parent, link_name, target) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl_of(attr.ino.0), &attr, Generation(0)),
             Err(e) => reply.error(ferr(e)),
         }
     }
@@ -1116,16 +1223,31 @@ impl Filesystem for Fence {
     ) {
         set_who(req);
         match self.do_link(ino, newparent, newname) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl_of(attr.ino.0), &attr, Generation(0)),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         set_who(req);
-        match self.do_open(ino, flags) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(ferr(e)),
+        let (fd, audit, pass) = match self.do_open(ino, flags) {
+            Ok(o) => o,
+            Err(e) => return reply.error(ferr(e)),
+        };
+        // A registration the kernel refuses (e.g. a backing file system stacked too deep)
+        // leaves the file served by the daemon as usual.
+        let backing = if pass {
+            self.backing_for(ino.0, &fd, &reply)
+        } else {
+            None
+        };
+        match (
+            self.new_fh(Handle::File(fd, audit, backing.clone())),
+            backing,
+        ) {
+            (Ok(fh), Some(b)) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
+            (Ok(fh), None) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            (Err(e), _) => reply.error(ferr(e)),
         }
     }
 
@@ -1188,7 +1310,9 @@ impl Filesystem for Fence {
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Writes reach the layers synchronously: there is nothing to flush at close. ENOSYS
+        // tells the kernel so once, and it stops sending a round trip with every close(2).
+        reply.error(FErrno::ENOSYS);
     }
 
     fn release(
@@ -1203,7 +1327,7 @@ impl Filesystem for Fence {
     ) {
         let handle = self.handles.lock().ok().and_then(|mut h| h.remove(&fh.0));
         let audit = handle.as_deref().and_then(|h| match h {
-            Handle::File(_, Some(a)) => Some(a),
+            Handle::File(_, Some(a), _) => Some(a),
             _ => None,
         });
         if let (Some(a), Some(log)) = (audit, &self.audit) {
@@ -1252,6 +1376,67 @@ impl Filesystem for Fence {
         }
     }
 
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Ok(handle) = self.handle(fh) else {
+            return reply.error(FErrno::EBADF);
+        };
+        let Handle::Dir(entries) = &*handle else {
+            return reply.error(FErrno::EBADF);
+        };
+        let Ok(_g) = self.ns_read() else {
+            return reply.error(FErrno::EIO);
+        };
+        let Ok(parent) = self.node(ino) else {
+            return reply.error(FErrno::ENOENT);
+        };
+        // The listing's entries with their attributes, as lookups of each would give them
+        // (the kernel then needs no lookup per entry). Offsets stay positions in the listing
+        // taken at open; an entry gone since is left out.
+        for (i, (child_ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            let attr = if name == "." || name == ".." {
+                // Not looked up by the kernel: only the inode and type matter.
+                let Ok(node) = self.node(INodeNo(*child_ino)) else {
+                    continue;
+                };
+                match self
+                    .found(&node)
+                    .and_then(|f| self.attr(*child_ino, &node.path, &f))
+                {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                }
+            } else {
+                let Some(n) = name.to_str() else { continue };
+                match self.child(&parent, n) {
+                    Ok((path, Some(f))) => match self.entry(&parent, &path, &f) {
+                        Ok(a) => a,
+                        Err(_) => continue,
+                    },
+                    _ => continue,
+                }
+            };
+            let _ = kind;
+            let ttl = self.ttl_of(attr.ino.0);
+            if reply.add(
+                INodeNo(attr.ino.0),
+                (i + 1) as u64,
+                name,
+                &ttl,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
     fn readdir(
         &self,
         _req: &Request,
@@ -1439,7 +1624,7 @@ impl Filesystem for Fence {
         set_who(req);
         match self.do_create(req, parent, name, mode, flags) {
             Ok((attr, fh)) => reply.created(
-                &TTL,
+                &self.ttl_of(attr.ino.0),
                 &attr,
                 Generation(0),
                 FileHandle(fh),

@@ -69,6 +69,14 @@ impl Nodes {
         self.by_ino.get(&ino)
     }
 
+    /// Every node: inode number and path.
+    pub fn all(&self) -> Vec<(u64, String)> {
+        self.by_ino
+            .iter()
+            .map(|(i, n)| (*i, n.path.clone()))
+            .collect()
+    }
+
     /// The node for `path`, created (with a new, never reused inode number) if needed, and
     /// updated with what a fresh lookup found. `count` adds one kernel lookup reference.
     pub fn upsert(

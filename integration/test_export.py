@@ -230,3 +230,97 @@ def test_export_is_the_layer_docker_would_build(docker_engine, image, tmp_path, 
         if cid and (STATE / cid).is_dir():
             shutil.rmtree(STATE / cid)
     no_leftovers()
+
+
+HIDING_POLICY = [{"pattern": "**", "permission": "write"},
+                 {"pattern": "**/.env", "permission": "none", "priority": 100}]
+
+HIDDEN_CHANGES = r"""
+set -e
+cd /srv/app
+rm -rf hid
+rm -rf opq && mkdir opq && echo new > opq/new.txt
+rm -rf plain_gone
+rm -rf xdir && echo file > xdir
+"""
+
+
+def test_export_deletes_nothing_the_policy_hid(docker_engine, image, tmp_path, cleanup_docker):
+    """As commit (SPEC §4-§5): a directory removed or replaced in the container keeps, in an
+    image built on the base and the layer, the entries the policy hid from the container."""
+    base = tmp_path / "base"
+    files = {"hid/vis.txt": "vis\n", "hid/.env": "HID=1\n", "hid/sub/.env": "SUB=1\n",
+             "hid/sub/s.txt": "s\n", "hid/plain/p.txt": "p\n",
+             "opq/old.txt": "old\n", "opq/.env": "OPQ=1\n",
+             "plain_gone/x.txt": "x\n",
+             "xdir/.env": "X=1\n", "xdir/y.txt": "y\n"}
+    for rel, text in files.items():
+        (base / rel).parent.mkdir(parents=True, exist_ok=True)
+        (base / rel).write_text(text)
+    for dirpath, dirnames, filenames in os.walk(base):
+        os.chmod(dirpath, 0o755)
+        for f in filenames:
+            os.chmod(Path(dirpath) / f, 0o644)
+    name = unique()
+    cleanup_docker.append(name)
+    sh([DOCKER, "run", "-d", "--name", name, "--runtime", "agentfense",
+        "-e", "AGENTFENSE_POLICY=" + json.dumps(HIDING_POLICY), "-e", "AGENTFENSE_WORKSPACE=" + WS,
+        "-v", f"{base}:{WS}", IMAGE, "sleep", "1000"], check=True)
+    cid = sh([DOCKER, "inspect", "-f", "{{.Id}}", name], check=True).stdout.strip()
+    tag = f"agentfense-test/export-{uuid.uuid4().hex[:12]}:latest"
+    try:
+        p = sh([DOCKER, "exec", name, "sh", "-c", HIDDEN_CHANGES])
+        assert p.returncode == 0, p.stdout + p.stderr
+        seen = sh([DOCKER, "exec", name, "sh", "-c", "cd /srv/app && find . | sort"], check=True).stdout
+        assert seen.split() == [".", "./opq", "./opq/new.txt", "./xdir"], seen
+        sh([DOCKER, "rm", "-f", name], check=True)
+        no_leftovers()
+        # The host base is untouched (the delta was kept, not committed).
+        for rel, text in files.items():
+            assert (base / rel).read_text() == text, rel
+
+        layer = run_bytes([BIN, "export", cid])
+        assert run_bytes([BIN, "export", cid]) == layer
+        layer2 = tmp_path / "layer2.tar"
+        layer2.write_bytes(layer)
+        with tarfile.open(layer2) as t:
+            members = t.getmembers()
+            entries = [(m.name, m.type) for m in members]
+            content = {m.name: t.extractfile(m).read() for m in members if m.isreg()}
+        REG, DIR = tarfile.REGTYPE, tarfile.DIRTYPE
+        # No `.wh.hid`, no `.wh..wh..opq` in `opq`, no `xdir` file: whiteouts of what the
+        # container saw, directories kept for what it did not.
+        assert entries == [
+            ("srv/app", DIR),
+            ("srv/app/hid", DIR),
+            ("srv/app/hid/.wh.plain", REG),
+            ("srv/app/hid/sub", DIR),
+            ("srv/app/hid/sub/.wh.s.txt", REG),
+            ("srv/app/hid/.wh.vis.txt", REG),
+            ("srv/app/opq", DIR),
+            ("srv/app/opq/.wh.old.txt", REG),
+            ("srv/app/opq/new.txt", REG),
+            ("srv/app/.wh.plain_gone", REG),
+            ("srv/app/xdir", DIR),
+            ("srv/app/xdir/.wh.y.txt", REG),
+        ], entries
+        assert content["srv/app/opq/new.txt"] == b"new\n"
+        assert not any(".env" in n for n, _ in entries), entries
+
+        layer1 = layer_of_base(base, tmp_path)
+        image_tar = save_format_image(tag, [layer1, layer2], tmp_path)
+        sh([DOCKER, "load", "-i", image_tar], check=True, timeout=300)
+        p = sh([DOCKER, "run", "--rm", "--runtime", "runc", tag, "sh", "-c",
+                "cd /srv/app && find . | sort && cat hid/.env hid/sub/.env opq/.env xdir/.env opq/new.txt"])
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.split("\n") == [
+            ".", "./hid", "./hid/.env", "./hid/sub", "./hid/sub/.env",
+            "./opq", "./opq/.env", "./opq/new.txt", "./xdir", "./xdir/.env",
+            "HID=1", "SUB=1", "OPQ=1", "X=1", "new", "",
+        ], p.stdout
+    finally:
+        sh([DOCKER, "rm", "-f", name])
+        sh([DOCKER, "rmi", "-f", tag])
+        if cid and (STATE / cid).is_dir():
+            shutil.rmtree(STATE / cid)
+    no_leftovers()

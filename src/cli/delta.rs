@@ -2,7 +2,6 @@
 //! fact. `ID` is a container id or a unique prefix of one, as with Docker.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
@@ -31,10 +30,18 @@ pub fn export(args: IdArg, admin: &AdminConfig) -> Result<i32> {
     if rec.delta == crate::policy::DeltaMode::Off {
         bail!("container {id} writes straight to its workspace (delta off): there is no delta to export");
     }
-    let ws: Vec<(String, PathBuf)> = rec
+    // With each workspace's base and the container's policy: the layer deletes nothing the
+    // policy hid from the container (as commit never does).
+    let policy = crate::delta::record_policy(&rec)?;
+    let ws: Vec<crate::delta::export::ExportWorkspace> = rec
         .workspaces
         .iter()
-        .map(|w| (w.dest.clone(), w.upper.clone()))
+        .map(|w| crate::delta::export::ExportWorkspace {
+            dest: w.dest.clone(),
+            upper: w.upper.clone(),
+            base: Some(w.base.clone()),
+            policy: Some(policy.clone()),
+        })
         .collect();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

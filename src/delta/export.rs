@@ -1,6 +1,6 @@
 //! `agentfense-runc export ID`: the delta as an OCI image layer (a tar, SPEC §5), the way
 //! `docker diff`/`docker export` users expect one: apply it over the image (or a tar of the
-//! base) and you get what the container saw.
+//! base) and you get what the container saw, less nothing it could not see.
 //!
 //! What goes in, for each workspace (`dest`, `upper`):
 //! - paths relative to the container root: `dest` without its leading `/`, then the path in the
@@ -18,17 +18,38 @@
 //! - long names and link targets as PAX `path`/`linkpath` records (bytes as they are: names
 //!   need not be UTF-8); large ids, sizes and times as PAX records too.
 //!
+//! Deletions follow the rule commit follows (SPEC §4-§5, [`super::commit`]): nothing the
+//! container's policy hid from it is deleted. Given the workspace's base and policy
+//! ([`ExportWorkspace`]), paths decided as the fence decides them (`/` and the path in the
+//! workspace; a name that is not UTF-8 is hidden):
+//! - a whiteout whose base entry is hidden is left out; one whose base entry is a directory
+//!   with hidden entries somewhere beneath becomes that directory's entry (the base's owner,
+//!   mode, time and extended attributes) and whiteouts of its visible entries only, directories
+//!   among them that hold hidden entries themselves treated the same way, recursively;
+//! - an opaque directory whose base directory holds hidden entries gets no `.wh..wh..opq`
+//!   marker but whiteouts (as above) of the visible base entries the upper directory does not
+//!   have; its subdirectories that replace base directories are masked the same way (with a
+//!   marker of their own when nothing beneath them is hidden);
+//! - an entry of the container that would replace a base directory holding hidden entries
+//!   (the container removed the directory and made a file in its place) is left out: the base
+//!   directory stays, less its visible entries. Counted in [`ExportStats::conflicts`]; commit
+//!   reports a conflict there too.
+//!
+//! Every other whiteout and opaque directory is exported as it is. The base is read like the
+//! upper directory, descriptor by descriptor, never following a symlink.
+//!
 //! Left out, and counted: device nodes other than whiteouts and sockets (a layer cannot
 //! carry them usefully; the fence never creates them) in [`ExportStats::skipped`]; and entries
 //! whose name starts with `.wh.` in [`ExportStats::reserved_names`]. The container can create
 //! such names (they are ordinary names inside the fence), but in a layer they are whiteouts:
 //! exported, a file named `.wh.secrets` would delete `secrets`, which the container may never
 //! have seen, from every image built on the layer. SPEC §5: no name a container creates
-//! changes what else is visible.
+//! changes what else is visible. (For the same reason no whiteout is ever written for a base
+//! entry whose own name starts with `.wh.`.)
 //!
 //! The output is deterministic: entries in byte order of their names, a directory before what
 //! is in it, times from the files (seconds), no user or group names, no "now" anywhere. The
-//! same delta exports to the same bytes.
+//! same delta over the same base exports to the same bytes.
 //!
 //! The upper directory was filled by an untrusted container. Every entry is opened relative to
 //! its directory's descriptor with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` and
@@ -40,20 +61,21 @@
 //! the tar is still well-formed: a file is written with exactly the size its header says (zeros
 //! after a file that shrank, the end of one that grew cut off), an entry that vanished is left
 //! out, and each such event is counted in [`ExportStats::changed`] and logged as a warning.
-//! Errors that are not of that kind (I/O errors, a missing upper directory) fail the export:
-//! the output then stops without the tar's end-of-archive blocks.
+//! Errors that are not of that kind (I/O errors, a missing upper or base directory) fail the
+//! export: the output then stops without the tar's end-of-archive blocks.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use tar::{EntryType, Header};
 
 use crate::fence::layers::{is_private_xattr, OPAQUE_XATTR};
+use crate::policy::Policy;
 use crate::sys::fs::{self as sfs, Errno, FileType, OFlags, Stat};
 
 /// The prefix that makes a layer entry a whiteout (OCI image spec, "Whiteouts").
@@ -83,30 +105,64 @@ pub struct ExportStats {
     pub skipped_xattrs: u64,
     /// Entries that changed or vanished while being exported (see the module comment).
     pub changed: u64,
+    /// Whiteouts and opaque directories narrowed to what the container could see: left out
+    /// (their base entry is hidden) or written as whiteouts of visible entries only (the base
+    /// directory holds hidden entries).
+    pub narrowed: u64,
+    /// Entries of the container left out because they would replace a base directory holding
+    /// entries hidden from the container (a conflict for commit too).
+    pub conflicts: u64,
 }
 
-/// Writes the deltas of `workspaces` (`(dest, upper)`: the workspace path in the container and
-/// its upper directory) as one OCI layer tar to `out`.
+/// One workspace to export.
+#[derive(Debug, Clone)]
+pub struct ExportWorkspace {
+    /// The workspace path in the container (`/srv/app`).
+    pub dest: String,
+    /// Its upper directory: the delta.
+    pub upper: PathBuf,
+    /// Its base directory. With `policy`, the layer never deletes what the policy hid there
+    /// (see the module comment); without either, every deletion is exported as recorded.
+    pub base: Option<PathBuf>,
+    /// The policy the container ran under.
+    pub policy: Option<Policy>,
+}
+
+impl ExportWorkspace {
+    /// A workspace exported without looking at its base.
+    pub fn delta_only(dest: impl Into<String>, upper: impl Into<PathBuf>) -> ExportWorkspace {
+        ExportWorkspace {
+            dest: dest.into(),
+            upper: upper.into(),
+            base: None,
+            policy: None,
+        }
+    }
+}
+
+/// Writes the deltas of `workspaces` as one OCI layer tar to `out`.
 pub fn export_layer(
-    workspaces: &[(String, PathBuf)],
+    workspaces: &[ExportWorkspace],
     out: &mut dyn Write,
 ) -> anyhow::Result<ExportStats> {
     let mut ws = Vec::with_capacity(workspaces.len());
-    for (dest, upper) in workspaces {
-        ws.push((container_prefix(dest)?, dest.as_str(), upper));
+    for w in workspaces {
+        ws.push((container_prefix(&w.dest)?, w));
     }
     ws.sort_by(|a, b| a.0.cmp(&b.0));
     if let Some(w) = ws.windows(2).find(|w| w[0].0 == w[1].0) {
-        bail!("workspace {} is listed twice", w[0].1);
+        bail!("workspace {} is listed twice", w[0].1.dest);
     }
     let mut ex = Exporter {
         tar: TarOut { out },
         stats: ExportStats::default(),
         links: HashMap::new(),
+        policy: None,
+        hidden_below: HashMap::new(),
     };
-    for (prefix, dest, upper) in ws {
-        ex.workspace(&prefix, upper)
-            .with_context(|| format!("workspace {dest} (delta in {})", upper.display()))?;
+    for (prefix, w) in ws {
+        ex.workspace(&prefix, w)
+            .with_context(|| format!("workspace {} (delta in {})", w.dest, w.upper.display()))?;
     }
     ex.tar.finish()?;
     Ok(ex.stats)
@@ -144,15 +200,48 @@ fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
     p
 }
 
+/// `a/b/c` to (`a/b`, `c`); `c` to (empty, `c`).
+fn split_path(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|b| *b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&path[..0], path),
+    }
+}
+
 fn lossy(p: &[u8]) -> String {
     String::from_utf8_lossy(p).into_owned()
 }
 
-/// A directory being walked: its descriptor, its path in the layer, and the entries left.
+/// A directory of the upper layer being walked.
 struct Frame {
     dir: OwnedFd,
+    /// Its path in the layer.
     path: Vec<u8>,
+    /// Its path in the workspace (empty for the workspace root): what the policy decides on.
+    rel: Vec<u8>,
     names: std::vec::IntoIter<OsString>,
+    /// The base directory at the same place, while base entries beneath can still be deleted
+    /// by what the layer holds (none beneath an opaque marker).
+    base: Option<OwnedFd>,
+    /// Whether the container saw none of `base` here (an opaque directory, or one beneath it,
+    /// whose base holds hidden entries): its subdirectories replace their base counterparts.
+    replaced: bool,
+}
+
+/// A base directory whose visible entries are being whited out.
+struct BaseFrame {
+    dir: OwnedFd,
+    path: Vec<u8>,
+    rel: Vec<u8>,
+    names: std::vec::IntoIter<(OsString, FileType)>,
+}
+
+/// A base directory being searched for hidden entries.
+struct HiddenFrame {
+    dir: OwnedFd,
+    rel: Vec<u8>,
+    names: std::vec::IntoIter<(OsString, FileType)>,
+    hidden: bool,
 }
 
 struct Exporter<'a> {
@@ -160,9 +249,15 @@ struct Exporter<'a> {
     stats: ExportStats,
     /// Files with several names: (device, inode) to the path they were first written under.
     links: HashMap<(u64, u64), Vec<u8>>,
+    /// The policy of the workspace being exported, when its base is looked at.
+    policy: Option<Policy>,
+    /// Base directories of the workspace being exported (by path in the workspace) and whether
+    /// something hidden from the container is beneath them.
+    hidden_below: HashMap<Vec<u8>, bool>,
 }
 
 /// The metadata of one tar entry.
+#[derive(Clone, Copy)]
 struct Meta {
     kind: EntryType,
     mode: u32,
@@ -181,10 +276,20 @@ impl Meta {
             mtime: st.st_mtime,
         }
     }
+
+    /// A whiteout standing for `st` (the whiteout itself, or the opaque directory it is
+    /// written for): as Docker's overlay2 driver writes them, that owner and time, mode 0600.
+    fn whiteout(st: &Stat) -> Meta {
+        Meta {
+            mode: 0o600,
+            ..Meta::of(EntryType::Regular, st)
+        }
+    }
 }
 
 impl Exporter<'_> {
-    fn workspace(&mut self, prefix: &[u8], upper: &Path) -> Result<()> {
+    fn workspace(&mut self, prefix: &[u8], w: &ExportWorkspace) -> Result<()> {
+        let upper = &w.upper;
         let root = sfs::open_root(upper)
             .map_err(io::Error::from)
             .with_context(|| format!("cannot open the upper directory {}", upper.display()))?;
@@ -192,20 +297,38 @@ impl Exporter<'_> {
         if sfs::file_type(&st) != FileType::Directory {
             bail!("{} is not a directory", upper.display());
         }
+        self.policy = None;
+        self.hidden_below.clear();
+        // The base, when there is a policy to tell what it hid from the container.
+        let base = match (&w.base, &w.policy) {
+            (Some(b), Some(policy)) => {
+                let fd = sfs::open_root(b)
+                    .map_err(io::Error::from)
+                    .with_context(|| format!("cannot open the base directory {}", b.display()))?;
+                if sfs::file_type(&fstat(fd.as_fd())?) != FileType::Directory {
+                    bail!("the base {} is not a directory", b.display());
+                }
+                self.policy = Some(policy.clone());
+                Some(fd)
+            }
+            _ => None,
+        };
         // The workspace directory itself: its entry (not under the empty prefix of `/`: a
         // layer has no entry for the root), then its opaque marker if it has one.
         let xattrs = self.xattrs(root.as_fd(), prefix)?;
         if !prefix.is_empty() {
             self.dir_entry(prefix, &st, &xattrs)?;
         }
-        if is_opaque(&xattrs) {
-            self.opaque_marker(prefix, &st)?;
-        }
         let names = self.listing(root.as_fd(), prefix)?;
+        let opaque = is_opaque(&xattrs);
+        let (base, replaced) = self.over_base(prefix, b"", &st, opaque, opaque, base, &names)?;
         let mut stack = vec![Frame {
             dir: root,
             path: prefix.to_vec(),
+            rel: Vec::new(),
             names: names.into_iter(),
+            base,
+            replaced,
         }];
         // Depth first without recursion: a deep tree made by the container costs one open
         // descriptor a level (EMFILE fails the export cleanly), never the stack.
@@ -215,16 +338,70 @@ impl Exporter<'_> {
                 continue;
             };
             let path = join(&top.path, name.as_bytes());
-            if let Some(dir) = self.entry(top.dir.as_fd(), &name, &path)? {
-                let names = self.listing(dir.as_fd(), &path)?;
-                stack.push(Frame {
-                    dir,
-                    path,
-                    names: names.into_iter(),
-                });
-            }
+            let rel = join(&top.rel, name.as_bytes());
+            let under = top.base.as_ref().map(|b| b.as_fd());
+            let Some((dir, st, opaque)) = self.entry(top.dir.as_fd(), &name, &path, &rel, under)?
+            else {
+                continue;
+            };
+            let base = match &top.base {
+                Some(b) => self.base_dir(b.as_fd(), &name, &path)?,
+                None => None,
+            };
+            let replaced = opaque || top.replaced;
+            let names = self.listing(dir.as_fd(), &path)?;
+            let (base, replaced) =
+                self.over_base(&path, &rel, &st, opaque, replaced, base, &names)?;
+            stack.push(Frame {
+                dir,
+                path,
+                rel,
+                names: names.into_iter(),
+                base,
+                replaced,
+            });
         }
         Ok(())
+    }
+
+    /// After the entry of upper directory `path` (`rel` in the workspace; `opaque` if marked
+    /// so, `replaced` if the container saw nothing of the base there, `names` its entries):
+    /// masks what the base directory `base` held there, and returns the base directory and
+    /// mode for the entries beneath.
+    #[allow(clippy::too_many_arguments)]
+    fn over_base(
+        &mut self,
+        path: &[u8],
+        rel: &[u8],
+        st: &Stat,
+        opaque: bool,
+        replaced: bool,
+        base: Option<OwnedFd>,
+        names: &[OsString],
+    ) -> Result<(Option<OwnedFd>, bool)> {
+        if !replaced {
+            // Merged: the base shows through, entries beneath decide for themselves.
+            return Ok((base, false));
+        }
+        match base {
+            Some(b) if self.hidden_below(b.as_fd(), rel)? => {
+                // A marker would delete what the container never saw: whiteouts of what it
+                // did see instead.
+                self.stats.narrowed += 1;
+                self.whiteouts_of(b.as_fd(), path, rel, &Meta::whiteout(st), names)?;
+                Ok((Some(b), true))
+            }
+            Some(_) => {
+                self.opaque_marker(path, st)?;
+                Ok((None, false))
+            }
+            None => {
+                if opaque {
+                    self.opaque_marker(path, st)?;
+                }
+                Ok((None, false))
+            }
+        }
     }
 
     /// The names in a directory, in byte order.
@@ -241,9 +418,230 @@ impl Exporter<'_> {
         Ok(names)
     }
 
-    /// Writes the entry `name` of `dir` (at `path` in the layer). Returns the directory to
-    /// descend into when it is one.
-    fn entry(&mut self, dir: BorrowedFd<'_>, name: &OsStr, path: &[u8]) -> Result<Option<OwnedFd>> {
+    /// The entries of a base directory with their types, in byte order of their names.
+    fn base_listing(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        path: &[u8],
+    ) -> Result<Vec<(OsString, FileType)>> {
+        let mut names = match sfs::read_dir(dir, ".") {
+            Ok(v) => v,
+            Err(Errno::NOENT) => {
+                self.changed(path, "base directory removed while exporting");
+                Vec::new()
+            }
+            Err(e) => return Err(io_err(e, "cannot list the base of", path)),
+        };
+        names.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        Ok(names)
+    }
+
+    /// Base entry `name` of base directory `dir` (for `path` in the layer), opened `O_PATH`
+    /// (a symlink as itself), with its status; `None` if there is none.
+    fn base_entry(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &[u8],
+    ) -> Result<Option<(OwnedFd, Stat)>> {
+        match sfs::open_entry(dir, name, OFlags::PATH) {
+            Ok(fd) => {
+                let st = fstat(fd.as_fd())?;
+                Ok(Some((fd, st)))
+            }
+            Err(Errno::NOENT) | Err(Errno::NOTDIR) => Ok(None),
+            Err(e) => Err(io_err(e, "cannot open the base of", path)),
+        }
+    }
+
+    /// Base entry `name` of base directory `dir`, if it is a directory.
+    fn base_dir(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &[u8],
+    ) -> Result<Option<OwnedFd>> {
+        Ok(self
+            .base_entry(dir, name, path)?
+            .and_then(|(fd, st)| (sfs::file_type(&st) == FileType::Directory).then_some(fd)))
+    }
+
+    /// Whether the container's policy hid `rel` (a path in the workspace) from it. Names that
+    /// are not UTF-8 are hidden (the fence never shows them). Nothing is hidden without a
+    /// policy.
+    fn hidden(&self, rel: &[u8], is_dir: bool) -> bool {
+        let Some(policy) = &self.policy else {
+            return false;
+        };
+        match std::str::from_utf8(rel) {
+            Ok(r) => !policy.decide(&format!("/{r}"), is_dir).visible(),
+            Err(_) => true,
+        }
+    }
+
+    /// Whether base directory `dir` (`rel` in the workspace) holds, anywhere beneath it, an
+    /// entry hidden from the container (beneath visible directories: a hidden directory is
+    /// hidden with all it holds). Every base directory looked at is remembered.
+    fn hidden_below(&mut self, dir: BorrowedFd<'_>, rel: &[u8]) -> Result<bool> {
+        if self.policy.is_none() {
+            return Ok(false);
+        }
+        if let Some(h) = self.hidden_below.get(rel) {
+            return Ok(*h);
+        }
+        let fd = dir
+            .try_clone_to_owned()
+            .with_context(|| format!("cannot look into the base of {}", lossy(rel)))?;
+        let names = self.base_listing(fd.as_fd(), rel)?;
+        let mut stack = vec![HiddenFrame {
+            dir: fd,
+            rel: rel.to_vec(),
+            names: names.into_iter(),
+            hidden: false,
+        }];
+        // Post-order without recursion (the base may hold trees a container made and
+        // committed): each directory's answer is known once all beneath it are.
+        let mut answer = false;
+        while let Some(top) = stack.last_mut() {
+            let Some((name, ft)) = top.names.next() else {
+                if let Some(done) = stack.pop() {
+                    self.hidden_below.insert(done.rel, done.hidden);
+                    match stack.last_mut() {
+                        Some(parent) => parent.hidden |= done.hidden,
+                        None => answer = done.hidden,
+                    }
+                }
+                continue;
+            };
+            let crel = join(&top.rel, name.as_bytes());
+            let is_dir = ft == FileType::Directory;
+            if self.hidden(&crel, is_dir) {
+                top.hidden = true;
+                continue;
+            }
+            if !is_dir {
+                continue;
+            }
+            if let Some(h) = self.hidden_below.get(&crel) {
+                top.hidden |= *h;
+                continue;
+            }
+            let Some(sub) = self.base_dir(top.dir.as_fd(), &name, &crel)? else {
+                continue;
+            };
+            let names = self.base_listing(sub.as_fd(), &crel)?;
+            stack.push(HiddenFrame {
+                dir: sub,
+                rel: crel,
+                names: names.into_iter(),
+                hidden: false,
+            });
+        }
+        Ok(answer)
+    }
+
+    /// Base directory `dir` (at `path` in the layer, `rel` in the workspace), with hidden
+    /// entries beneath, deleted as far as the container could: its entry, then
+    /// [`Exporter::whiteouts_of`] its entries.
+    fn narrow_dir(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        st: &Stat,
+        path: &[u8],
+        rel: &[u8],
+        wh: &Meta,
+    ) -> Result<()> {
+        let xattrs = self.xattrs(dir, path)?;
+        self.dir_entry(path, st, &xattrs)?;
+        self.whiteouts_of(dir, path, rel, wh, &[])
+    }
+
+    /// Whiteouts (metadata `wh`) of the visible entries of base directory `dir` (at `path` in
+    /// the layer, `rel` in the workspace) that `keep` (sorted by bytes) does not name. A
+    /// visible directory with hidden entries beneath gets its entry (the base's attributes)
+    /// and the same treatment instead of a whiteout; hidden entries get nothing.
+    fn whiteouts_of(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        path: &[u8],
+        rel: &[u8],
+        wh: &Meta,
+        keep: &[OsString],
+    ) -> Result<()> {
+        let mut names = self.base_listing(dir, path)?;
+        names.retain(|(n, _)| {
+            keep.binary_search_by(|k| k.as_bytes().cmp(n.as_bytes()))
+                .is_err()
+        });
+        let fd = dir
+            .try_clone_to_owned()
+            .with_context(|| format!("cannot look into the base of {}", lossy(path)))?;
+        let mut stack = vec![BaseFrame {
+            dir: fd,
+            path: path.to_vec(),
+            rel: rel.to_vec(),
+            names: names.into_iter(),
+        }];
+        while let Some(top) = stack.last_mut() {
+            let Some((name, ft)) = top.names.next() else {
+                stack.pop();
+                continue;
+            };
+            if name.as_bytes().starts_with(WHITEOUT_PREFIX) {
+                // `.wh..wh..opq` for a base entry `.wh..opq` would be the opaque marker: such
+                // names are whiteouts themselves in a layer, never named by one.
+                continue;
+            }
+            let crel = join(&top.rel, name.as_bytes());
+            let is_dir = ft == FileType::Directory;
+            if self.hidden(&crel, is_dir) {
+                continue;
+            }
+            let cpath = join(&top.path, name.as_bytes());
+            if is_dir {
+                if let Some((sub, st)) = self.base_entry(top.dir.as_fd(), &name, &cpath)? {
+                    if sfs::file_type(&st) == FileType::Directory
+                        && self.hidden_below(sub.as_fd(), &crel)?
+                    {
+                        let xattrs = self.xattrs(sub.as_fd(), &cpath)?;
+                        self.dir_entry(&cpath, &st, &xattrs)?;
+                        let names = self.base_listing(sub.as_fd(), &cpath)?;
+                        stack.push(BaseFrame {
+                            dir: sub,
+                            path: cpath,
+                            rel: crel,
+                            names: names.into_iter(),
+                        });
+                        continue;
+                    }
+                }
+            }
+            let parent = top.path.clone();
+            self.whiteout(&parent, name.as_bytes(), wh)?;
+        }
+        Ok(())
+    }
+
+    /// The whiteout `dir/.wh.name`.
+    fn whiteout(&mut self, dir: &[u8], name: &[u8], meta: &Meta) -> Result<()> {
+        let wh = join(dir, &[WHITEOUT_PREFIX, name].concat());
+        self.tar.entry(&wh, meta, None, &[], None)?;
+        self.stats.entries += 1;
+        self.stats.whiteouts += 1;
+        Ok(())
+    }
+
+    /// Writes the entry `name` of `dir` (at `path` in the layer, `rel` in the workspace;
+    /// `base` the base directory at the same place as `dir`, when its entries matter).
+    /// Returns a directory to descend into, with its status and whether it is opaque.
+    fn entry(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &[u8],
+        rel: &[u8],
+        base: Option<BorrowedFd<'_>>,
+    ) -> Result<Option<(OwnedFd, Stat, bool)>> {
         if name.as_bytes().starts_with(WHITEOUT_PREFIX) {
             self.stats.reserved_names += 1;
             tracing::warn!(
@@ -266,26 +664,27 @@ impl Exporter<'_> {
             FileType::Directory => {
                 let xattrs = self.xattrs(fd.as_fd(), path)?;
                 self.dir_entry(path, &st, &xattrs)?;
-                if is_opaque(&xattrs) {
-                    self.opaque_marker(path, &st)?;
-                }
-                return Ok(Some(fd));
+                return Ok(Some((fd, st, is_opaque(&xattrs))));
             }
             FileType::CharacterDevice if st.st_rdev == 0 => {
-                let (parent, base) = match path.iter().rposition(|b| *b == b'/') {
-                    Some(i) => (&path[..i], &path[i + 1..]),
-                    None => (&path[..0], path),
-                };
-                let wh = join(parent, &[WHITEOUT_PREFIX, base].concat());
-                // As Docker's overlay2 driver writes them: the whiteout's owner and time,
-                // mode 0600.
-                let meta = Meta {
-                    mode: 0o600,
-                    ..Meta::of(EntryType::Regular, &st)
-                };
-                self.tar.entry(&wh, &meta, None, &[], None)?;
-                self.stats.entries += 1;
-                self.stats.whiteouts += 1;
+                let meta = Meta::whiteout(&st);
+                if let Some(b) = base {
+                    if let Some((bfd, bst)) = self.base_entry(b, name, path)? {
+                        let is_dir = sfs::file_type(&bst) == FileType::Directory;
+                        if self.hidden(rel, is_dir) {
+                            // Never shown to the container: not its to delete.
+                            self.stats.narrowed += 1;
+                            return Ok(None);
+                        }
+                        if is_dir && self.hidden_below(bfd.as_fd(), rel)? {
+                            self.stats.narrowed += 1;
+                            self.narrow_dir(bfd.as_fd(), &bst, path, rel, &meta)?;
+                            return Ok(None);
+                        }
+                    }
+                }
+                let (parent, base_name) = split_path(path);
+                self.whiteout(parent, base_name, &meta)?;
                 return Ok(None);
             }
             FileType::RegularFile | FileType::Symlink | FileType::Fifo => {}
@@ -301,6 +700,26 @@ impl Exporter<'_> {
                     }
                 );
                 return Ok(None);
+            }
+        }
+        // In place of a base directory: the layer would delete all of it, hidden entries too.
+        if let Some(b) = base {
+            if let Some((bfd, bst)) = self.base_entry(b, name, path)? {
+                if sfs::file_type(&bst) == FileType::Directory {
+                    let hidden = self.hidden(rel, true);
+                    if hidden || self.hidden_below(bfd.as_fd(), rel)? {
+                        self.stats.conflicts += 1;
+                        tracing::warn!(
+                            "export: left out {}: it replaces a base directory holding entries \
+                             hidden from the container, which stay",
+                            lossy(path)
+                        );
+                        if !hidden {
+                            self.narrow_dir(bfd.as_fd(), &bst, path, rel, &Meta::whiteout(&st))?;
+                        }
+                        return Ok(None);
+                    }
+                }
             }
         }
         // A further name of a file already written: a hard link to it.
@@ -660,6 +1079,7 @@ mod tests {
     use super::*;
     use std::fs;
     use std::os::unix::fs::{symlink, PermissionsExt};
+    use std::path::Path;
 
     use crate::sys::fs::Timestamps;
     use rustix::fs::Timespec;
@@ -715,9 +1135,9 @@ mod tests {
     }
 
     fn export(ws: &[(&str, &Path)]) -> (Vec<u8>, ExportStats) {
-        let ws: Vec<(String, PathBuf)> = ws
+        let ws: Vec<ExportWorkspace> = ws
             .iter()
-            .map(|(d, p)| (d.to_string(), p.to_path_buf()))
+            .map(|(d, p)| ExportWorkspace::delta_only(*d, *p))
             .collect();
         let mut out = Vec::new();
         let stats = export_layer(&ws, &mut out).unwrap();
@@ -883,6 +1303,8 @@ mod tests {
                 reserved_names: 2,
                 skipped_xattrs: 0,
                 changed: 0,
+                narrowed: 0,
+                conflicts: 0,
             }
         );
         // Our bookkeeping never leaks, whatever the entry.
@@ -1002,14 +1424,17 @@ mod tests {
         assert_eq!(paths(&read_tar(&bytes)), ["x/"]);
         let mut out = Vec::new();
         for ws in [
-            vec![("relative".to_string(), a.clone())],
-            vec![("/a/../etc".to_string(), a.clone())],
+            vec![ExportWorkspace::delta_only("relative", &a)],
+            vec![ExportWorkspace::delta_only("/a/../etc", &a)],
             vec![
-                ("/w".to_string(), a.clone()),
-                ("/w/".to_string(), b.clone()),
+                ExportWorkspace::delta_only("/w", &a),
+                ExportWorkspace::delta_only("/w/", &b),
             ],
-            vec![("/w".to_string(), dir.path().join("missing"))],
-            vec![("/w".to_string(), b.join("y"))],
+            vec![ExportWorkspace::delta_only(
+                "/w",
+                dir.path().join("missing"),
+            )],
+            vec![ExportWorkspace::delta_only("/w", b.join("y"))],
         ] {
             assert!(export_layer(&ws, &mut out).is_err(), "{ws:?}");
         }
@@ -1045,7 +1470,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let up = sample(dir.path());
         for budget in [0, 100, 512, 1500, 4000] {
-            let ws = [("/w".to_string(), up.clone())];
+            let ws = [ExportWorkspace::delta_only("/w", &up)];
             assert!(export_layer(&ws, &mut Broken(budget)).is_err());
         }
     }
@@ -1191,5 +1616,238 @@ mod tests {
                 ("w/sticky/".to_string(), 0o1777),
             ]
         );
+    }
+
+    const HIDE_ENV: &str = r#"{"rules":[{"pattern":"**","permission":"write"},
+        {"pattern":"**/.env","permission":"none","priority":9}]}"#;
+
+    fn export_over(upper: &Path, base: &Path, policy: &str) -> (Vec<u8>, ExportStats) {
+        let ws = [ExportWorkspace {
+            dest: "/w".into(),
+            upper: upper.to_path_buf(),
+            base: Some(base.to_path_buf()),
+            policy: Some(Policy::from_json(policy).unwrap()),
+        }];
+        let mut out = Vec::new();
+        let stats = export_layer(&ws, &mut out).unwrap();
+        (out, stats)
+    }
+
+    fn write_all(root: &Path, files: &[&str]) {
+        for f in files {
+            let p = root.join(f);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, f.as_bytes()).unwrap();
+        }
+    }
+
+    #[test]
+    fn whiteouts_delete_nothing_the_policy_hid() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        let up = dir.path().join("upper");
+        write_all(
+            &base,
+            &[
+                ".env",
+                "file.txt",
+                "gone/a",
+                "gone/b/c",
+                "hid/.env",
+                "hid/.wh.odd",
+                "hid/plain/p",
+                "hid/sub/.env",
+                "hid/sub/s",
+                "hid/vis.txt",
+            ],
+        );
+        fs::write(base.join("hid").join(OsStr::from_bytes(b"\xff")), b"").unwrap();
+        fs::set_permissions(base.join("hid"), fs::Permissions::from_mode(0o750)).unwrap();
+        set_xattr(&base, "hid", "user.base", b"attr");
+        set_mtime(&base, "hid", 1_100_000_000);
+        set_mtime(&base, "hid/sub", 1_100_000_001);
+        fs::create_dir(&up).unwrap();
+        for wh in [".env", "file.txt", "gone", "hid", "missing"] {
+            mknod(&up, wh, FileType::CharacterDevice, 0);
+        }
+        set_mtime(&up, "hid", 1_200_000_000);
+
+        let (bytes, stats) = export_over(&up, &base, HIDE_ENV);
+        let got = read_tar(&bytes);
+        assert_eq!(
+            paths(&got),
+            [
+                "w/",
+                // `.env` was never the container's to delete: nothing.
+                "w/.wh.file.txt",
+                "w/.wh.gone",
+                // `hid` stays with what was hidden in it, less what the container saw.
+                "w/hid/",
+                "w/hid/.wh.plain",
+                "w/hid/sub/",
+                "w/hid/sub/.wh.s",
+                "w/hid/.wh.vis.txt",
+                "w/.wh.missing",
+            ]
+        );
+        let by = |p: &str| got.iter().find(|g| lossy(&g.path) == p).unwrap().clone();
+        let hid = by("w/hid/");
+        assert_eq!(
+            (hid.kind, hid.mode, hid.mtime),
+            (b'5', 0o750, 1_100_000_000)
+        );
+        assert_eq!(hid.xattrs, [("user.base".to_string(), b"attr".to_vec())]);
+        assert_eq!(by("w/hid/sub/").mtime, 1_100_000_001);
+        let wh = by("w/hid/sub/.wh.s");
+        assert_eq!((wh.kind, wh.mode, wh.mtime), (b'0', 0o600, 1_200_000_000));
+        assert!(wh.data.is_empty());
+        assert_eq!(
+            (
+                stats.entries,
+                stats.whiteouts,
+                stats.narrowed,
+                stats.conflicts
+            ),
+            (9, 6, 2, 0)
+        );
+
+        // Nothing hidden (a name that is not UTF-8 is): every whiteout as recorded; and the
+        // same without a base.
+        fs::remove_file(base.join("hid").join(OsStr::from_bytes(b"\xff"))).unwrap();
+        let everything = r#"[{"pattern":"**","permission":"write"}]"#;
+        let plain = [
+            "w/",
+            "w/.wh..env",
+            "w/.wh.file.txt",
+            "w/.wh.gone",
+            "w/.wh.hid",
+            "w/.wh.missing",
+        ];
+        let (bytes, stats) = export_over(&up, &base, everything);
+        assert_eq!(paths(&read_tar(&bytes)), plain);
+        assert_eq!(stats.narrowed, 0);
+        let (bytes, _) = export(&[("/w", &up)]);
+        assert_eq!(paths(&read_tar(&bytes)), plain);
+    }
+
+    #[test]
+    fn opaque_dirs_delete_nothing_the_policy_hid() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        let up = dir.path().join("upper");
+        write_all(
+            &base,
+            &[
+                "plain/a",
+                "plain/b",
+                "redo/.env",
+                "redo/clean/c",
+                "redo/fresh",
+                "redo/gonesub/.env",
+                "redo/gonesub/v",
+                "redo/old",
+                "redo/olddir/x",
+                "redo/sub/.env",
+                "redo/sub/s",
+                "x/.env",
+                "x/y",
+            ],
+        );
+        // Made in the container: `rm -rf redo plain x`, then new ones in their place.
+        write_all(
+            &up,
+            &["plain/z", "redo/clean/k", "redo/fresh", "redo/sub/n", "x"],
+        );
+        set_xattr(&up, "redo", OPAQUE_XATTR, b"y");
+        set_xattr(&up, "plain", OPAQUE_XATTR, b"y");
+        set_mtime(&up, "redo", 1_300_000_000);
+
+        let (bytes, stats) = export_over(&up, &base, HIDE_ENV);
+        let got = read_tar(&bytes);
+        assert_eq!(
+            paths(&got),
+            [
+                "w/",
+                // Nothing hidden in it: the marker, as ever.
+                "w/plain/",
+                "w/plain/.wh..wh..opq",
+                "w/plain/z",
+                // Instead of a marker: what the container saw and did not make again.
+                "w/redo/",
+                "w/redo/gonesub/",
+                "w/redo/gonesub/.wh.v",
+                "w/redo/.wh.old",
+                "w/redo/.wh.olddir",
+                // Made again in the replaced directory: each masks its base counterpart.
+                "w/redo/clean/",
+                "w/redo/clean/.wh..wh..opq",
+                "w/redo/clean/k",
+                "w/redo/fresh",
+                "w/redo/sub/",
+                "w/redo/sub/.wh.s",
+                "w/redo/sub/n",
+                // A file in place of a directory holding a hidden entry: left out, the
+                // directory stays less what the container saw.
+                "w/x/",
+                "w/x/.wh.y",
+            ]
+        );
+        let by = |p: &str| got.iter().find(|g| lossy(&g.path) == p).unwrap().clone();
+        let wh = by("w/redo/.wh.old");
+        assert_eq!((wh.mode, wh.mtime), (0o600, 1_300_000_000));
+        assert_eq!(by("w/redo/fresh").data, b"redo/fresh");
+        assert_eq!(
+            (
+                stats.whiteouts,
+                stats.opaque_dirs,
+                stats.narrowed,
+                stats.conflicts
+            ),
+            (5, 2, 2, 1)
+        );
+
+        // Without the base: as recorded.
+        let (bytes, _) = export(&[("/w", &up)]);
+        assert_eq!(
+            paths(&read_tar(&bytes)),
+            [
+                "w/",
+                "w/plain/",
+                "w/plain/.wh..wh..opq",
+                "w/plain/z",
+                "w/redo/",
+                "w/redo/.wh..wh..opq",
+                "w/redo/clean/",
+                "w/redo/clean/k",
+                "w/redo/fresh",
+                "w/redo/sub/",
+                "w/redo/sub/n",
+                "w/x",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_opaque_workspace_root_deletes_nothing_the_policy_hid() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        let up = dir.path().join("upper");
+        write_all(&base, &[".env", "a", "d/.env", "d/e"]);
+        write_all(&up, &["n"]);
+        set_xattr(&up, ".", OPAQUE_XATTR, b"y");
+        let (bytes, stats) = export_over(&up, &base, HIDE_ENV);
+        assert_eq!(
+            paths(&read_tar(&bytes)),
+            ["w/", "w/.wh.a", "w/d/", "w/d/.wh.e", "w/n"]
+        );
+        assert_eq!((stats.narrowed, stats.opaque_dirs), (1, 0));
+        // The base must be there to be looked at.
+        let ws = [ExportWorkspace {
+            dest: "/w".into(),
+            upper: up.clone(),
+            base: Some(dir.path().join("missing")),
+            policy: Some(Policy::from_json(HIDE_ENV).unwrap()),
+        }];
+        assert!(export_layer(&ws, &mut Vec::new()).is_err());
     }
 }

@@ -471,3 +471,37 @@ def test_docker_table_on_image_content(docker_engine, table_image, probe, user):
         checks)
     assert_table(got, checks)
     no_leftovers()
+
+
+def test_the_daemon_keeps_only_the_capabilities_it_needs(docker_engine, image, tmp_path):
+    """A fence daemon runs as root on the host: after start it holds only CAP_CHOWN,
+    CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID, CAP_SYS_ADMIN and CAP_MKNOD
+    (also in its bounding set), none inheritable or ambient, with no_new_privs, and serves
+    the fence with them (reads, copy-up of a file owned by someone else, whiteouts)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "theirs.txt").write_text("x\n")
+    os.chown(repo / "theirs.txt", 4321, 4321)
+    os.chmod(repo / "theirs.txt", 0o600)
+    (repo / "gone.txt").write_text("y\n")
+    name = unique()
+    sh([DOCKER, "run", "-d", "--name", name, "--runtime", "agentfense", "-e",
+        "AGENTFENSE_PRESET=full-access", "-e", "AGENTFENSE_WORKSPACE=/w", "-v", f"{repo}:/w",
+        IMAGE, "sleep", "1000"], check=True)
+    try:
+        cid = sh([DOCKER, "inspect", "-f", "{{.Id}}", name], check=True).stdout.strip()
+        rec = json.loads((state_dir_of(cid) / "fence.json").read_text())
+        pid = rec["workspaces"][0]["daemon"]["pid"]
+        status = dict(l.split(":\t", 1) for l in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in l)
+        want = sum(1 << b for b in (0, 1, 2, 3, 4, 21, 27))
+        for k in ("CapEff", "CapPrm", "CapBnd"):
+            assert int(status[k], 16) == want, (k, status[k])
+        assert int(status["CapInh"], 16) == 0 and int(status["CapAmb"], 16) == 0
+        assert status["NoNewPrivs"].strip() == "1"
+        p = sh([DOCKER, "exec", name, "sh", "-c",
+                "echo more >> /w/theirs.txt && rm /w/gone.txt && stat -c '%u %a' /w/theirs.txt"])
+        assert p.returncode == 0 and p.stdout == "4321 600\n", p.stdout + p.stderr
+    finally:
+        sh([DOCKER, "rm", "-f", name])
+    no_leftovers()

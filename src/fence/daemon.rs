@@ -76,6 +76,8 @@ pub fn run(config_path: &Path) -> Result<()> {
     // Our own session: no signal aimed at the runtime's process group reaches us.
     let _ = nix::unistd::setsid();
     close_inherited_fds();
+    // Before any thread exists (capabilities are per thread; threads inherit them).
+    harden().context("failed to drop the daemon's privileges")?;
     let cfg: DaemonConfig = serde_json::from_str(
         &fs::read_to_string(config_path)
             .with_context(|| format!("failed to read {}", config_path.display()))?,
@@ -138,6 +140,41 @@ pub fn run(config_path: &Path) -> Result<()> {
     println!("ready");
     redirect_stdout_to_null();
     session.run().context("fence session failed")?;
+    Ok(())
+}
+
+/// The capabilities a fence daemon keeps: mounting and passthrough registration
+/// (`CAP_SYS_ADMIN`, which also covers the `trusted.` attributes of the delta's bookkeeping),
+/// reading and linking any file of the layers (`CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH`),
+/// giving copies and new files their owners and modes (`CAP_CHOWN`, `CAP_FOWNER`,
+/// `CAP_FSETID`), and whiteouts (`CAP_MKNOD`, for 0:0 character devices).
+pub const DAEMON_CAPS: [caps::Capability; 7] = [
+    caps::Capability::CAP_SYS_ADMIN,
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_DAC_READ_SEARCH,
+    caps::Capability::CAP_CHOWN,
+    caps::Capability::CAP_FOWNER,
+    caps::Capability::CAP_FSETID,
+    caps::Capability::CAP_MKNOD,
+];
+
+/// Keeps only [`DAEMON_CAPS`] (also out of the bounding set, so nothing the daemon might ever
+/// execute gets more), none inheritable or ambient, and sets `no_new_privs`.
+fn harden() -> Result<()> {
+    use caps::CapSet;
+    let keep: caps::CapsHashSet = DAEMON_CAPS.into_iter().collect();
+    rustix::thread::set_no_new_privs(true).context("no_new_privs")?;
+    for c in caps::all() {
+        if !keep.contains(&c) && caps::has_cap(None, CapSet::Bounding, c).unwrap_or(false) {
+            caps::drop(None, CapSet::Bounding, c).with_context(|| format!("bounding {c}"))?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient).context("ambient")?;
+    caps::clear(None, CapSet::Inheritable).context("inheritable")?;
+    let have = caps::read(None, CapSet::Permitted).context("permitted")?;
+    let keep: caps::CapsHashSet = keep.intersection(&have).copied().collect();
+    caps::set(None, CapSet::Effective, &keep).context("effective")?;
+    caps::set(None, CapSet::Permitted, &keep).context("permitted")?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import BIN, DOCKER, IMAGE, export_rootfs, make_bundle, sh, unique
+from conftest import BIN, DOCKER, IMAGE, export_rootfs, make_bundle, sh, unique, wait_for
 from test_fence import no_leftovers
 
 STATE = Path("/var/lib/agentfense/containers")
@@ -143,13 +143,12 @@ def test_host_changes_are_conflicts_and_keep_the_hosts_content(docker_engine, im
     for n in ("f.txt", "g.txt", "h.txt"):
         (repo / n).write_text(f"{n} base\n")
     name, _ = run(repo, "echo container >> /w/f.txt; echo container >> /w/g.txt; rm /w/h.txt; "
-                        "echo new > /w/n.txt; sleep 1000", delta="commit", detach=True)
+                        "echo new > /w/n.txt; touch /tmp/done; sleep 1000", delta="commit",
+                  detach=True)
     cid = cid_of(name)
-    sh([DOCKER, "exec", name, "true"], check=True)
     # Wait for the container's changes, then change the host behind its back.
-    for _ in range(100):
-        if sh([DOCKER, "exec", name, "cat", "/w/n.txt"]).returncode == 0:
-            break
+    wait_for(lambda: sh([DOCKER, "exec", name, "test", "-e", "/tmp/done"]).returncode == 0,
+             "the container to make its changes")
     (repo / "f.txt").write_text("host edit\n")
     (repo / "h.txt").write_text("host edit of a file the container deleted\n")
     (repo / "n.txt").write_text("host made it too\n")
@@ -180,16 +179,16 @@ def test_a_second_commit_does_not_undo_the_first(docker_engine, image, tmp_path)
     repo.mkdir()
     for n in ("x.txt", "y.txt", "z.txt"):
         (repo / n).write_text(f"{n} base\n")
-    a, _ = run(repo, "echo A >> /w/x.txt; rm /w/z.txt; sleep 1000", delta="keep", detach=True)
-    b, _ = run(repo, "cat /w/x.txt >/dev/null; echo B >> /w/y.txt; sleep 1000", delta="keep",
+    done = "touch /tmp/done; sleep 1000"
+    a, _ = run(repo, f"echo A >> /w/x.txt; rm /w/z.txt; {done}", delta="keep", detach=True)
+    b, _ = run(repo, f"cat /w/x.txt >/dev/null; echo B >> /w/y.txt; {done}", delta="keep",
                detach=True)
-    c, _ = run(repo, "echo C >> /w/x.txt; echo C > /w/z.txt; sleep 1000", delta="keep",
+    c, _ = run(repo, f"echo C >> /w/x.txt; echo C > /w/z.txt; {done}", delta="keep",
                detach=True)
     ids = {n: cid_of(n) for n in (a, b, c)}
     for n in (a, b, c):
-        for _ in range(100):
-            if sh([DOCKER, "exec", n, "sh", "-c", "cat /w/*.txt"]).returncode == 0:
-                break
+        wait_for(lambda: sh([DOCKER, "exec", n, "test", "-e", "/tmp/done"]).returncode == 0,
+                 f"{n} to make its changes")
     sh([DOCKER, "exec", a, "sh", "-c", "test ! -e /w/z.txt"], check=True)
     for n in (a, b, c):
         rm(n)
@@ -228,12 +227,11 @@ def test_an_interrupted_commit_runs_again_cleanly(docker_engine, image, tmp_path
 
 def test_diff_of_a_running_container(docker_engine, image, tmp_path):
     repo = make_repo(tmp_path / "repo")
-    name, _ = run(repo, CHANGES + " && sleep 1000", delta="keep", detach=True)
+    name, _ = run(repo, CHANGES + " && touch /tmp/done && sleep 1000", delta="keep", detach=True)
     cid = cid_of(name)
     try:
-        for _ in range(100):
-            if sh([DOCKER, "exec", name, "test", "-p", "/w/pipe"]).returncode == 0:
-                break
+        wait_for(lambda: sh([DOCKER, "exec", name, "test", "-e", "/tmp/done"]).returncode == 0,
+                 "the container to make its changes")
         lines = runtime("diff", cid[:12]).stdout.splitlines()
         want = {
             "C /w", "A /w/new.txt", "A /w/hard.txt", "C /w/mod.txt", "D /w/del.txt",

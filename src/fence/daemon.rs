@@ -175,6 +175,141 @@ fn harden() -> Result<()> {
     let keep: caps::CapsHashSet = keep.intersection(&have).copied().collect();
     caps::set(None, CapSet::Effective, &keep).context("effective")?;
     caps::set(None, CapSet::Permitted, &keep).context("permitted")?;
+    if std::env::var_os("AGENTFENSE_NO_SECCOMP").is_none() {
+        confine().context("seccomp")?;
+    }
+    Ok(())
+}
+
+/// The system calls a fence daemon makes (file system work on the layers, FUSE, threads,
+/// memory, inotify, its own mount). Anything else (execve, ptrace, sockets, bpf, module
+/// loading, keyrings...) fails with ENOSYS: a daemon subverted through a FUSE request still
+/// cannot run a program or reach the network.
+const DAEMON_SYSCALLS: &[&str] = &[
+    // files and directories, by descriptor
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "pread64",
+    "pwrite64",
+    "preadv",
+    "pwritev",
+    "lseek",
+    "open",
+    "openat",
+    "openat2",
+    "close",
+    "close_range",
+    "dup",
+    "dup2",
+    "dup3",
+    "fcntl",
+    "flock",
+    "fstat",
+    "newfstatat",
+    "statx",
+    "lstat",
+    "stat",
+    "statfs",
+    "fstatfs",
+    "getdents64",
+    "mkdirat",
+    "mknodat",
+    "unlinkat",
+    "renameat",
+    "renameat2",
+    "linkat",
+    "symlinkat",
+    "readlinkat",
+    "readlink",
+    "fchown",
+    "fchownat",
+    "fchmod",
+    "fchmodat",
+    "fchmodat2",
+    "utimensat",
+    "ftruncate",
+    "fallocate",
+    "fsync",
+    "fdatasync",
+    "copy_file_range",
+    "sendfile",
+    "getxattr",
+    "lgetxattr",
+    "fgetxattr",
+    "setxattr",
+    "lsetxattr",
+    "fsetxattr",
+    "listxattr",
+    "llistxattr",
+    "flistxattr",
+    "removexattr",
+    "lremovexattr",
+    "fremovexattr",
+    "access",
+    "faccessat",
+    "faccessat2",
+    "getcwd",
+    "ioctl",
+    "poll",
+    "ppoll",
+    "inotify_init1",
+    "inotify_add_watch",
+    "inotify_rm_watch",
+    "mount",
+    "umount2",
+    // memory, threads, signals, time
+    "mmap",
+    "munmap",
+    "mprotect",
+    "mremap",
+    "madvise",
+    "brk",
+    "futex",
+    "clone",
+    "clone3",
+    "set_robust_list",
+    "rseq",
+    "set_tid_address",
+    "exit",
+    "exit_group",
+    "rt_sigaction",
+    "rt_sigprocmask",
+    "rt_sigreturn",
+    "sigaltstack",
+    "sched_yield",
+    "sched_getaffinity",
+    "nanosleep",
+    "clock_nanosleep",
+    "clock_gettime",
+    "gettimeofday",
+    "getrandom",
+    "getpid",
+    "gettid",
+    "getuid",
+    "geteuid",
+    "getgid",
+    "getegid",
+    "capget",
+    "prctl",
+    "prlimit64",
+    "restart_syscall",
+    "membarrier",
+    "tgkill",
+    "pipe2",
+];
+
+fn confine() -> Result<()> {
+    use libseccomp::{ScmpAction, ScmpFilterContext, ScmpSyscall};
+    let mut f = ScmpFilterContext::new(ScmpAction::Errno(libc::ENOSYS))?;
+    for name in DAEMON_SYSCALLS {
+        // A name this kernel or libseccomp does not know is simply not allowed.
+        if let Ok(sc) = ScmpSyscall::from_name(name) {
+            f.add_rule(ScmpAction::Allow, sc)?;
+        }
+    }
+    f.load()?;
     Ok(())
 }
 

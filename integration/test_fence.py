@@ -476,7 +476,8 @@ def test_docker_table_on_image_content(docker_engine, table_image, probe, user):
 def test_the_daemon_keeps_only_the_capabilities_it_needs(docker_engine, image, tmp_path):
     """A fence daemon runs as root on the host: after start it holds only CAP_CHOWN,
     CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID, CAP_SYS_ADMIN and CAP_MKNOD
-    (also in its bounding set), none inheritable or ambient, with no_new_privs, and serves
+    (also in its bounding set), none inheritable or ambient, with no_new_privs and a seccomp
+    filter, and serves
     the fence with them (reads, copy-up of a file owned by someone else, whiteouts)."""
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -499,6 +500,7 @@ def test_the_daemon_keeps_only_the_capabilities_it_needs(docker_engine, image, t
             assert int(status[k], 16) == want, (k, status[k])
         assert int(status["CapInh"], 16) == 0 and int(status["CapAmb"], 16) == 0
         assert status["NoNewPrivs"].strip() == "1"
+        assert status["Seccomp"].strip() == "2"  # a filter: the daemon's syscall allowlist
         p = sh([DOCKER, "exec", name, "sh", "-c",
                 "echo more >> /w/theirs.txt && rm /w/gone.txt && stat -c '%u %a' /w/theirs.txt"])
         assert p.returncode == 0 and p.stdout == "4321 600\n", p.stdout + p.stderr

@@ -70,21 +70,17 @@ def agentfense_bin():
 @pytest.fixture(scope="session")
 def docker_engine(agentfense_bin):
     """Docker with runtime `agentfense` registered (and `agentfense-cfg`, which passes
-    runtimeArgs, as administrators configure defaults). daemon.json is restored afterwards."""
+    runtimeArgs, as administrators configure defaults), both by `agentfense-runc configure
+    docker`. daemon.json is restored afterwards, and the backups configure made removed."""
     if sh([DOCKER, "info"], timeout=30).returncode != 0:
         pytest.fail("Docker does not answer: dockerd must be running (integration/host.sh start)")
     original = DAEMON_JSON.read_text() if DAEMON_JSON.exists() else None
-    cfg = json.loads(original) if original and original.strip() else {}
+    backups_before = set(DAEMON_JSON.parent.glob(DAEMON_JSON.name + ".agentfense-backup.*"))
     admin_cfg = Path(tempfile.mkdtemp(prefix="af-admin-")) / "config.json"
     admin_cfg.write_text("{}\n")
-    runtimes = cfg.setdefault("runtimes", {})
-    runtimes["agentfense"] = {"path": str(agentfense_bin)}
-    runtimes["agentfense-cfg"] = {
-        "path": str(agentfense_bin),
-        "runtimeArgs": ["--agentfense-config", str(admin_cfg)],
-    }
-    DAEMON_JSON.parent.mkdir(parents=True, exist_ok=True)
-    DAEMON_JSON.write_text(json.dumps(cfg, indent=2) + "\n")
+    for name, args in (("agentfense", []),
+                       ("agentfense-cfg", ["--agentfense-config", str(admin_cfg)])):
+        configure_docker(name, agentfense_bin, args)
     reload_dockerd()
     wait_for(lambda: "agentfense-cfg" in sh([DOCKER, "info", "--format", "{{json .Runtimes}}"]).stdout,
              "dockerd to load the agentfense runtimes")
@@ -93,7 +89,16 @@ def docker_engine(agentfense_bin):
         DAEMON_JSON.unlink()
     else:
         DAEMON_JSON.write_text(original)
+    for b in set(DAEMON_JSON.parent.glob(DAEMON_JSON.name + ".agentfense-backup.*")) - backups_before:
+        b.unlink()
     reload_dockerd()
+
+
+def configure_docker(name, path, runtime_args=()):
+    """Registers `path` as Docker runtime `name` in daemon.json, through `agentfense-runc
+    configure docker` (dockerd is not reloaded here)."""
+    sh([BIN, "configure", "docker", "--config", DAEMON_JSON, "--name", name, "--runtime-path", path,
+        *[f"--runtime-arg={a}" for a in runtime_args]], check=True)
 
 
 def reload_dockerd():

@@ -12,7 +12,12 @@ here=$(dirname "$(readlink -f "$0")")
 demo=/tmp/agentfense-demo
 repo=$demo/repo
 
-python3 "$here/register_docker.py" agentfense "$BIN"
+"$BIN" configure docker --name agentfense --runtime-path "$BIN"
+kill -HUP "$(cat /var/run/docker.pid)"
+for _ in $(seq 100); do
+    $DOCKER info --format '{{json .Runtimes}}' | grep -q '"agentfense"' && break
+    sleep 0.1
+done
 
 if ! $DOCKER image inspect "$IMAGE" >/dev/null 2>&1; then
     root=$(mktemp -d)
@@ -79,4 +84,4 @@ echo
 echo "== what the agent touched, was refused, and never touched (agentfense-runc audit summary)"
 "$BIN" audit summary "$id"
 echo
-echo "No fence mount or daemon is left: $(grep -c agentfense /proc/mounts || true) mounts, $(pgrep -fc fence-daemon || true) daemons."
+echo "Left behind by this container: $(grep -c "agentfense:$id" /proc/mounts || true) fence mounts, $(pgrep -fc "containers/$id/daemon" || true) fence daemons."

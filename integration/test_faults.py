@@ -1,0 +1,267 @@
+"""Fault injection: the fence under a killed daemon, a full disk, descriptor exhaustion, a host
+changing the base underneath, many files. After each: no hidden data exposed, no base data
+changed, the delta intact up to the last completed write, nothing left behind.
+"""
+
+import errno
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, DOCKER, IMAGE, sh, unique, wait_for
+from test_fence import BEFORE, fence_mounts_and_daemons, no_leftovers, tree_digest
+
+FULL = json.dumps({"default": "none", "rules": [
+    {"pattern": "**", "permission": "write", "type": "glob", "priority": 0},
+    {"pattern": "**/.env", "permission": "none", "type": "glob", "priority": 9}]})
+
+
+class Fence:
+    """A fence mounted by the daemon directly (no engine), over `base`, delta in `upper`."""
+
+    def __init__(self, tmp, base, upper=None, policy=FULL, nofile=None):
+        self.dir = tmp / unique("fence")
+        self.dir.mkdir()
+        self.upper = Path(upper) if upper else self.dir / "upper"
+        self.upper.mkdir(exist_ok=True)
+        self.mnt = self.dir / "mnt"
+        self.mnt.mkdir()
+        cfg = {"container_id": self.dir.name, "base": str(base), "upper": str(self.upper),
+               "mountpoint": str(self.mnt), "read_only": False, "policy": policy,
+               "audit_level": "off", "audit_path": None}
+        (self.dir / "cfg.json").write_text(json.dumps(cfg))
+        limit = ["prlimit", f"--nofile={nofile}:{nofile}"] if nofile else []
+        self.proc = subprocess.Popen([*limit, str(BIN), "fence-daemon", str(self.dir / "cfg.json")],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready", self.proc.stderr.read()
+
+    def pid(self):
+        return self.proc.pid
+
+    def close(self):
+        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_daemon_killed_mid_grep_and_mid_write(docker_engine, image, tmp_path, cleanup_docker):
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    for i in range(300):
+        (repo / "src" / f"f{i}.txt").write_text(f"line {i}\n" * 50)
+    (repo / ".env").write_text("SECRET=never\n")
+    (repo / "out").mkdir()
+    digest = tree_digest(repo)
+    name = unique()
+    cleanup_docker.append(name)
+    script = ("i=0; while true; do i=$((i+1)); echo \"record $i complete\" >> /w/out/log || exit 3; "
+              "done & while true; do grep -r never /w >/dev/null 2>&1; done")
+    sh([DOCKER, "run", "-d", "--name", name, "--runtime", "agentfense",
+        "-e", "AGENTFENSE_POLICY=" + json.dumps([{"pattern": "**", "permission": "write"},
+                                                 {"pattern": "**/.env", "permission": "none",
+                                                  "priority": 9}]),
+        "-e", "AGENTFENSE_WORKSPACE=/w", "-v", f"{repo}:/w", IMAGE, "sh", "-c", script], check=True)
+    cid = sh([DOCKER, "inspect", "-f", "{{.Id}}", name], check=True).stdout.strip()
+    rec = json.loads((Path("/var/lib/agentfense/containers") / cid / "fence.json").read_text())
+    upper = Path(rec["workspaces"][0]["upper"])
+    wait_for(lambda: (upper / "out" / "log").exists() and (upper / "out" / "log").stat().st_size > 2000,
+             "the writer to get going")
+    os.kill(rec["workspaces"][0]["daemon"]["pid"], 9)
+    time.sleep(0.5)
+    # Fails closed: nothing readable, nothing written any more.
+    p = sh([DOCKER, "exec", name, "sh", "-c", "cat /w/src/f1.txt; cat /w/.env; ls /w"])
+    assert p.stdout == "" and "never" not in p.stderr
+    size = (upper / "out" / "log").stat().st_size
+    time.sleep(0.5)
+    assert (upper / "out" / "log").stat().st_size == size
+    sh([DOCKER, "rm", "-f", name], check=True)
+    no_leftovers()
+    # The delta holds whole records, in order, up to the last completed write.
+    lines = (upper / "out" / "log").read_text().split("\n")
+    complete = lines[:-1] if lines[-1] == "" else lines[:-1]
+    assert complete, "no record written"
+    assert complete == [f"record {i} complete" for i in range(1, len(complete) + 1)]
+    assert lines[-1] == "" or f"record {len(complete) + 1} complete".startswith(lines[-1])
+    assert tree_digest(repo) == digest
+    sh(["rm", "-rf", str(Path("/var/lib/agentfense/containers") / cid)])
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs for the delta."""
+    d = tmp_path / "small"
+    d.mkdir()
+    sh(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(d)], check=True)
+    yield d
+    sh(["umount", "-l", str(d)])
+
+
+def test_full_disk_under_the_delta(tmp_path, small_fs):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "keep.txt").write_text("base\n")
+    digest = tree_digest(base)
+    f = Fence(tmp_path, base, upper=small_fs / "upper")
+    try:
+        m = f.mnt
+        (m / "small.txt").write_text("fits\n")
+        with pytest.raises(OSError) as e:
+            with open(m / "big.bin", "wb") as out:
+                for _ in range(16):
+                    out.write(b"x" * (1 << 20))
+                    out.flush()
+                    os.fsync(out.fileno())
+        assert e.value.errno == errno.ENOSPC
+        # Copy-up of a base file on a full disk fails cleanly and leaves the base alone.
+        with pytest.raises(OSError) as e:
+            with open(m / "keep.txt", "a") as out:
+                out.write("more\n")
+        assert e.value.errno == errno.ENOSPC
+        assert (m / "keep.txt").read_text() == "base\n"
+        os.unlink(m / "big.bin")
+        (m / "after.txt").write_text("room again\n")
+        assert (m / "small.txt").read_text() == "fits\n"
+        assert (m / "after.txt").read_text() == "room again\n"
+        with open(m / "keep.txt", "a") as out:
+            out.write("more\n")
+        assert (m / "keep.txt").read_text() == "base\nmore\n"
+    finally:
+        f.close()
+    assert tree_digest(base) == digest
+    assert (small_fs / "upper" / "small.txt").read_text() == "fits\n"
+
+
+def test_descriptor_exhaustion_is_an_error_not_a_crash(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    for i in range(64):
+        (base / f"f{i}").write_text(str(i))
+    f = Fence(tmp_path, base, nofile=256)
+    try:
+        daemon_limit = int(Path(f"/proc/{f.pid()}/limits").read_text().split("Max open files")[1].split()[0])
+        assert daemon_limit == 256
+        fds = []
+        failure = None
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            for i in range(daemon_limit + 100):
+                try:
+                    fds.append(os.open(f.mnt / f"f{i % 64}", os.O_RDONLY))
+                except OSError as e:
+                    failure = e
+                    break
+        finally:
+            for fd in fds:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        print(f"daemon fd limit {daemon_limit}; opened {len(fds)} before {failure!r}")
+        assert failure is not None and failure.errno in (errno.EMFILE, errno.ENFILE), failure
+        assert f.proc.poll() is None, "the daemon died"
+        assert (f.mnt / "f3").read_text() == "3"
+    finally:
+        f.close()
+
+
+def test_host_renames_and_deletes_under_a_busy_fence(tmp_path):
+    base = tmp_path / "base"
+    for d in range(20):
+        (base / f"d{d}").mkdir(parents=True)
+        for i in range(20):
+            (base / f"d{d}" / f"f{i}").write_text(f"{d}/{i}\n")
+        (base / f"d{d}" / ".env").write_text("SECRET=never\n")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("canary\n")
+    f = Fence(tmp_path, base)
+    stop = time.time() + 4
+    seen = []
+    errors = []
+
+    def reader():
+        while time.time() < stop:
+            for dirpath, _, files in os.walk(f.mnt):
+                for n in files:
+                    p = Path(dirpath) / n
+                    if p.is_symlink():
+                        continue  # resolved by this (host) process's own kernel, not the fence
+                    try:
+                        seen.append(p.read_text())
+                    except OSError as e:
+                        if e.errno not in (errno.ENOENT, errno.ESTALE):
+                            errors.append(e)
+
+    def host():
+        k = 0
+        while time.time() < stop:
+            d = k % 20
+            if (base / f"d{d}").exists():
+                (base / f"d{d}").rename(base / f"moved{d}")
+            else:
+                (base / f"moved{d}").rename(base / f"d{d}")
+            (base / f"d{(k + 7) % 20}" / "f0").unlink(missing_ok=True)
+            # A directory swapped for a symlink to the host: the daemon must never follow it.
+            sw = base / f"d{(k + 3) % 20}"
+            if sw.is_dir() and not sw.is_symlink():
+                sw.rename(base / "swapped")
+                os.symlink(tmp_path, sw)
+                time.sleep(0.001)
+                sw.unlink()
+                (base / "swapped").rename(sw)
+            k += 1
+
+    try:
+        ts = [threading.Thread(target=reader), threading.Thread(target=host)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert f.proc.poll() is None, "the daemon died"
+        assert not errors, errors[:5]
+        assert seen and not any("SECRET" in s or "canary" in s for s in seen)
+        assert outside.read_text() == "canary\n"
+        assert not list(f.upper.iterdir()), "reading changed the delta"
+    finally:
+        f.close()
+
+
+def test_many_files_memory(tmp_path):
+    """A container making 50,000 files and a 200-deep tree: the daemon keeps serving; its
+    memory is printed (the node table keeps one entry per path seen, about 0.2 KiB each)."""
+    base = tmp_path / "base"
+    base.mkdir()
+    f = Fence(tmp_path, base)
+    try:
+        before = rss_kib(f.pid())
+        m = f.mnt
+        for d in range(50):
+            (m / f"d{d}").mkdir()
+            for i in range(1000):
+                (m / f"d{d}" / f"f{i}").write_bytes(b"")
+        deep = m
+        for i in range(200):
+            deep = deep / f"n{i}"
+        os.makedirs(deep)
+        (deep / "leaf").write_text("deep\n")
+        assert (deep / "leaf").read_text() == "deep\n"
+        assert sum(1 for _ in os.scandir(m / "d49")) == 1000
+        after = rss_kib(f.pid())
+        print(f"daemon RSS: {before} KiB idle, {after} KiB after 50,200 paths")
+        assert f.proc.poll() is None
+    finally:
+        f.close()

@@ -203,8 +203,10 @@ def test_host_renames_and_deletes_under_a_busy_fence(tmp_path):
                     try:
                         seen.append(p.read_text())
                     except OSError as e:
-                        if e.errno not in (errno.ENOENT, errno.ESTALE):
-                            errors.append(e)
+                        # A name swapped for a symlink to a host directory between the listing
+                        # and the read is followed by this (host) process's kernel: EISDIR.
+                        if e.errno not in (errno.ENOENT, errno.ESTALE, errno.EISDIR):
+                            errors.append((str(p), e))
 
     def host():
         k = 0
@@ -215,11 +217,12 @@ def test_host_renames_and_deletes_under_a_busy_fence(tmp_path):
             else:
                 (base / f"moved{d}").rename(base / f"d{d}")
             (base / f"d{(k + 7) % 20}" / "f0").unlink(missing_ok=True)
-            # A directory swapped for a symlink to the host: the daemon must never follow it.
+            # A directory swapped for a symlink (dangling, so that this host-side reader's own
+            # kernel finds nothing if it follows it): the daemon must never follow it.
             sw = base / f"d{(k + 3) % 20}"
             if sw.is_dir() and not sw.is_symlink():
                 sw.rename(base / "swapped")
-                os.symlink(tmp_path, sw)
+                os.symlink("/nonexistent-agentfense-target", sw)
                 time.sleep(0.001)
                 sw.unlink()
                 (base / "swapped").rename(sw)

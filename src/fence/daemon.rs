@@ -76,6 +76,9 @@ pub fn run(config_path: &Path) -> Result<()> {
     // Our own session: no signal aimed at the runtime's process group reaches us.
     let _ = nix::unistd::setsid();
     close_inherited_fds();
+    // Modes come from the container's requests, already masked by its own umask: ours must
+    // not take anything more away.
+    rustix::process::umask(rustix::fs::Mode::empty());
     // Before any thread exists (capabilities are per thread; threads inherit them).
     harden().context("failed to drop the daemon's privileges")?;
     let cfg: DaemonConfig = serde_json::from_str(
@@ -127,8 +130,12 @@ pub fn run(config_path: &Path) -> Result<()> {
     config.n_threads = Some(cfg.threads.clamp(1, 64));
     config.clone_fd = true;
     let invalidation = fence.invalidation();
+    let queue = fence.notifier_slot();
     let session = fuser::Session::new(fence, &cfg.mountpoint, &config)
         .with_context(|| format!("failed to mount the fence at {}", cfg.mountpoint.display()))?;
+    if let Ok(mut q) = queue.lock() {
+        *q = Some(session.notifier());
+    }
     if let Some((watch, nodes)) = invalidation {
         let notifier = session.notifier();
         std::thread::Builder::new()
@@ -389,7 +396,7 @@ pub fn spawn(
         .take()
         .ok_or_else(|| anyhow!("no daemon stdout"))?;
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let mut line = String::new();
         let r = BufReader::new(stdout).read_line(&mut line).map(|_| line);
         let _ = tx.send(r);
@@ -419,11 +426,12 @@ pub fn spawn(
         }
         Err(_) => return Err(fail(&mut child, "did not become ready in 20s".into())),
     }
-    // Nobody waits for the daemon from here on: it belongs to its own session. Reap it in the
-    // background if we are still alive when it ends (the runtime exits long before).
-    std::thread::spawn(move || {
-        let _ = child.wait();
-    });
+    // No thread of ours may outlive this call: libcontainer forks next, and a child forked
+    // while another thread holds a lock (the allocator's, say) can deadlock. The reader is
+    // done (it sent its line); the daemon, in its own session, is left unwaited (a runtime
+    // that outlives it, `run` in the foreground, reaps it when it stops it).
+    let _ = reader.join();
+    drop(child);
     Ok(DaemonHandle {
         pid,
         mountpoint: cfg.mountpoint.clone(),
@@ -501,6 +509,8 @@ pub fn stop(handle: &DaemonHandle) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Reap it if it is our own child (a runtime that started it and is still running).
+    let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
     r
 }
 

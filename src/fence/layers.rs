@@ -321,7 +321,12 @@ impl Layers {
         match sfs::file_type(&st) {
             FileType::Directory => self.ensure_upper_dir(rel),
             FileType::RegularFile => {
-                let src = sfs::open_beneath(base, rel, OFlags::RDONLY, Mode::empty())?;
+                // Non-blocking and checked: the host may swap a FIFO in meanwhile.
+                let src =
+                    sfs::open_beneath(base, rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())?;
+                if sfs::file_type(&rustix::fs::fstat(&src)?) != FileType::RegularFile {
+                    return Err(Errno::AGAIN);
+                }
                 let tmp = sfs::tmpfile_in(self.upper(), parent, 0o600)?;
                 sfs::copy_contents(src.as_fd(), tmp.as_fd())?;
                 sfs::copy_xattrs(base, rel, tmp.as_fd(), &is_private_xattr)?;

@@ -75,6 +75,14 @@ pub struct Fence {
     /// The backing file registered for each inode with passthrough opens (the kernel wants one
     /// per inode while any such open lasts).
     backing: Mutex<HashMap<u64, std::sync::Weak<fuser::BackingId>>>,
+    /// An open handle of each inode with open files: an unlinked file stays usable through it.
+    open_files: Mutex<HashMap<u64, u64>>,
+    /// Inodes whose file has several names in its layer: the kernel sees one inode per name,
+    /// so their attributes are never cached.
+    multi_linked: Mutex<std::collections::HashSet<u64>>,
+    /// Tells the kernel to drop cached attributes (only attributes: that takes no lock a
+    /// request in progress may hold, so it is safe from within a request).
+    inval: std::sync::Arc<Mutex<Option<fuser::Notifier>>>,
 }
 
 enum Handle {
@@ -127,6 +135,28 @@ fn ftype(ft: FileType) -> FType {
         FileType::CharacterDevice => FType::CharDevice,
         FileType::BlockDevice => FType::BlockDevice,
         _ => FType::RegularFile,
+    }
+}
+
+/// A `setattr` of an orphaned file: mode, uid, gid, size, atime, mtime.
+type OrphanChange = (
+    Option<u32>,
+    Option<u32>,
+    Option<u32>,
+    Option<u64>,
+    Option<TimeOrNow>,
+    Option<TimeOrNow>,
+);
+
+fn timespec(x: TimeOrNow) -> rustix::fs::Timespec {
+    let when = match x {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    };
+    let d = when.duration_since(UNIX_EPOCH).unwrap_or_default();
+    rustix::fs::Timespec {
+        tv_sec: d.as_secs() as i64,
+        tv_nsec: d.subsec_nanos() as _,
     }
 }
 
@@ -187,6 +217,9 @@ impl Fence {
             audit,
             passthrough: false,
             backing: Mutex::new(HashMap::new()),
+            open_files: Mutex::new(HashMap::new()),
+            multi_linked: Mutex::new(std::collections::HashSet::new()),
+            inval: std::sync::Arc::new(Mutex::new(None)),
         })
     }
 
@@ -265,6 +298,10 @@ impl Fence {
     /// Looks up `name` in directory `parent`: the child's path and entry, if it exists for the
     /// container.
     fn child(&self, parent: &Node, name: &str) -> Res<(String, Option<Found>)> {
+        if parent.path.starts_with('\0') {
+            // A directory removed or replaced since the kernel looked it up.
+            return Err(Errno::STALE);
+        }
         self.watch_dir(parent);
         let path = child_path(&parent.path, name);
         let found = self.layers.find(rel(&path), parent.merge_base)?;
@@ -289,6 +326,11 @@ impl Fence {
             (Level::Read, _) => perm &= !0o222,
             (_, FileType::Directory) => perm &= !0o222,
             _ => perm &= !0o666,
+        }
+        if kind != FileType::Directory && st.st_nlink > 1 {
+            if let Ok(mut m) = self.multi_linked.lock() {
+                m.insert(ino);
+            }
         }
         let (nlink, size, blocks) = if kind == FileType::Directory {
             // A directory's link count would count hidden subdirectories: report 1, which
@@ -338,6 +380,9 @@ impl Fence {
     /// reaches it as an invalidation (its directory is watched, or holds only the container's
     /// own entries), else the short default.
     fn ttl_of(&self, ino: u64) -> Duration {
+        if self.multi_linked.lock().is_ok_and(|m| m.contains(&ino)) {
+            return Duration::ZERO;
+        }
         let Some(w) = &self.watch else { return TTL };
         let Some((path, parent_merge)) = self
             .nodes
@@ -361,6 +406,46 @@ impl Fence {
         &self,
     ) -> Option<(std::sync::Arc<watch::Watch>, std::sync::Arc<Mutex<Nodes>>)> {
         self.watch.clone().map(|w| (w, self.nodes.clone()))
+    }
+
+    /// Where the daemon plugs in the session's notifier once mounted.
+    pub fn notifier_slot(&self) -> std::sync::Arc<Mutex<Option<fuser::Notifier>>> {
+        self.inval.clone()
+    }
+
+    /// Drops the kernel's cached attributes of `ino` (not its pages), before replying.
+    fn invalidate_attrs(&self, ino: u64) {
+        if let Ok(g) = self.inval.lock() {
+            if let Some(n) = g.as_ref() {
+                let _ = n.inval_inode(INodeNo(ino), -1, 0);
+            }
+        }
+    }
+
+    /// The open file of an inode whose path is gone (unlinked or renamed over while open).
+    fn open_fd_of(&self, ino: u64, fh: Option<FileHandle>) -> Option<std::sync::Arc<Handle>> {
+        let fh = fh
+            .map(|f| f.0)
+            .or_else(|| self.open_files.lock().ok()?.get(&ino).copied())?;
+        let h = self.handles.lock().ok()?.get(&fh).cloned()?;
+        matches!(&*h, Handle::File(..)).then_some(h)
+    }
+
+    /// Attributes of an open file whose name is gone: from its descriptor, with no links.
+    fn orphan_attr(&self, ino: u64, path: &str, h: &Handle) -> Res<FileAttr> {
+        let Handle::File(fd, _, _) = h else {
+            return Err(Errno::STALE);
+        };
+        let st = rustix::fs::fstat(fd)?;
+        let f = Found {
+            layer: Layer::Upper,
+            st,
+            merge_base: false,
+            in_base: false,
+        };
+        let mut a = self.attr(ino, path, &f)?;
+        a.nlink = 0;
+        Ok(a)
     }
 
     /// The entries of directory `path` the container sees: name, type, child path.
@@ -448,7 +533,26 @@ impl Fence {
     /// After creating `path` in the upper layer: owner, then the reply.
     fn finish_create(&self, req: &Request, parent: &Node, path: &str) -> Res<FileAttr> {
         let r = rel(path);
-        sfs::lchown(self.layers.upper(), r, Some(req.uid()), Some(req.gid()))?;
+        // The creator's uid; its gid, unless the directory is set-group-ID: then the
+        // directory's group, and a new directory is set-group-ID too (as on any Linux file
+        // system).
+        let parent_st = self.found(parent).map(|f| f.st).ok();
+        let sgid = parent_st
+            .as_ref()
+            .filter(|st| st.st_mode & libc::S_ISGID != 0);
+        let gid = sgid.map(|st| st.st_gid).unwrap_or(req.gid());
+        sfs::lchown(self.layers.upper(), r, Some(req.uid()), Some(gid))?;
+        if sgid.is_some() {
+            if let Some(st) = sfs::lstat(self.layers.upper(), r)? {
+                if sfs::file_type(&st) == FileType::Directory {
+                    sfs::chmod(
+                        self.layers.upper(),
+                        r,
+                        (st.st_mode & 0o7777) | libc::S_ISGID,
+                    )?;
+                }
+            }
+        }
         let f = self
             .layers
             .find(r, parent.merge_base)?
@@ -498,9 +602,19 @@ impl Fence {
         self.entry(&parent, &path, &f)
     }
 
-    fn do_getattr(&self, ino: INodeNo) -> Res<FileAttr> {
+    fn do_getattr(&self, ino: INodeNo, fh: Option<FileHandle>) -> Res<FileAttr> {
         let node = self.node(ino)?;
-        let f = self.found(&node)?;
+        let f = match self.found(&node) {
+            Ok(f) => f,
+            Err(e @ (Errno::NOENT | Errno::STALE)) => {
+                // Unlinked while open: still there for whoever holds it open.
+                return match self.open_fd_of(ino.0, fh) {
+                    Some(h) => self.orphan_attr(ino.0, &node.path, &h),
+                    None => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        };
         if !self.policy.decide(&node.path, f.is_dir()).visible() {
             return Err(Errno::NOENT);
         }
@@ -521,7 +635,17 @@ impl Fence {
     ) -> Res<FileAttr> {
         let _g = self.ns_read()?;
         let node = self.node(ino)?;
-        let f = self.found(&node)?;
+        let f = match self.found(&node) {
+            Ok(f) => f,
+            Err(e @ (Errno::NOENT | Errno::STALE)) => {
+                let Some(h) = self.open_fd_of(ino.0, fh) else {
+                    return Err(e);
+                };
+                let change = (mode, uid, gid, size, atime, mtime);
+                return self.orphan_setattr(ino.0, &node.path, &h, change);
+            }
+            Err(e) => return Err(e),
+        };
         self.need_write(Op::Setattr, &node.path, f.is_dir())?;
         let r = rel(&node.path);
         self.layers.copy_up(r)?;
@@ -540,7 +664,15 @@ impl Fence {
             match via_fh {
                 Some(Ok(())) => {}
                 _ => {
-                    let fd = self.layers.open_file(r, Layer::Upper, OFlags::WRONLY)?;
+                    // Non-blocking and checked: a FIFO swapped in must not hang a worker.
+                    let fd = self.layers.open_file(
+                        r,
+                        Layer::Upper,
+                        OFlags::WRONLY | OFlags::NONBLOCK,
+                    )?;
+                    if sfs::file_type(&rustix::fs::fstat(&fd)?) != FileType::RegularFile {
+                        return Err(Errno::INVAL);
+                    }
                     rustix::fs::ftruncate(&fd, len)?;
                 }
             }
@@ -571,6 +703,53 @@ impl Fence {
         self.attr(ino.0, &node.path, &f)
     }
 
+    /// `setattr` of an open file whose name is gone, through its descriptor.
+    fn orphan_setattr(
+        &self,
+        ino: u64,
+        path: &str,
+        h: &Handle,
+        change: OrphanChange,
+    ) -> Res<FileAttr> {
+        let (mode, uid, gid, size, atime, mtime) = change;
+        let Handle::File(fd, _, _) = h else {
+            return Err(Errno::STALE);
+        };
+        // Only through a descriptor opened for writing: the policy allowed writing that name
+        // when it was opened, and it is the container's copy in the delta. A descriptor opened
+        // for reading may be the base's own file, which is never changed.
+        let acc = rustix::fs::fcntl_getfl(fd)? & OFlags::RWMODE;
+        let _ = path;
+        if acc == OFlags::RDONLY {
+            return Err(Errno::ACCESS);
+        }
+        if uid.is_some() || gid.is_some() {
+            rustix::fs::fchown(
+                fd,
+                uid.map(rustix::fs::Uid::from_raw),
+                gid.map(rustix::fs::Gid::from_raw),
+            )?;
+        }
+        if let Some(m) = mode {
+            rustix::fs::fchmod(fd, Mode::from_raw_mode(m & 0o7777))?;
+        }
+        if let Some(len) = size {
+            rustix::fs::ftruncate(fd, len)?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            let st = rustix::fs::fstat(fd)?;
+            let mut t = sfs::stat_times(&st);
+            if let Some(a) = atime {
+                t.last_access = timespec(a);
+            }
+            if let Some(m) = mtime {
+                t.last_modification = timespec(m);
+            }
+            rustix::fs::futimens(fd, &t)?;
+        }
+        self.orphan_attr(ino, path, h)
+    }
+
     fn do_readlink(&self, ino: INodeNo) -> Res<Vec<u8>> {
         let node = self.node(ino)?;
         let f = self.found(&node)?;
@@ -579,7 +758,9 @@ impl Fence {
             return Err(self.refused(Op::Readlink, &node.path, false, refuse(level)));
         }
         if f.kind() != FileType::Symlink {
-            return Err(Errno::INVAL);
+            // The host replaced the link since the kernel looked it up: ESTALE makes the
+            // kernel look the path up again.
+            return Err(Errno::STALE);
         }
         self.allowed(Op::Readlink, &node.path, false, None);
         let root = if f.layer == Layer::Base {
@@ -587,7 +768,8 @@ impl Fence {
         } else {
             None
         };
-        let t = sfs::readlink(root.unwrap_or(self.layers.upper()), rel(&node.path))?;
+        let t = sfs::readlink(root.unwrap_or(self.layers.upper()), rel(&node.path))
+            .map_err(|e| if e == Errno::INVAL { Errno::STALE } else { e })?;
         Ok(t.as_bytes().to_vec())
     }
 
@@ -700,6 +882,14 @@ impl Fence {
         }
         if from == to {
             return Ok(());
+        }
+        // Two names of one file: rename does nothing and succeeds (POSIX; Linux's vfs_rename),
+        // whatever the flags.
+        if let Some(d) = &dst {
+            if d.layer == src.layer && d.st.st_dev == src.st.st_dev && d.st.st_ino == src.st.st_ino
+            {
+                return Ok(());
+            }
         }
         let exchange = flags.contains(FRenameFlags::RENAME_EXCHANGE);
         let noreplace = flags.contains(FRenameFlags::RENAME_NOREPLACE);
@@ -859,6 +1049,12 @@ impl Fence {
         let (path, _) = self.prepare_create(Op::Link, &parent, newname, false)?;
         self.layers.copy_up(rel(&node.path))?;
         sfs::link(self.layers.upper(), rel(&node.path), rel(&path))?;
+        // Two names, two inodes for the kernel: the first one's cached attributes (kept long
+        // while it had one name) must go, and neither is cached from now on.
+        if let Ok(mut m) = self.multi_linked.lock() {
+            m.insert(ino.0);
+        }
+        self.invalidate_attrs(ino.0);
         self.allowed(Op::Link, &node.path, false, Some(&path));
         let f = self
             .layers
@@ -909,7 +1105,14 @@ impl Fence {
             self.layers.copy_up(r)?;
             layer = Layer::Upper;
         }
-        let keep = libc::O_ACCMODE | libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME;
+        // O_APPEND on the layer's file: appends land at its real end (Linux's pwrite appends on
+        // such a descriptor), whatever size the kernel has cached for this name.
+        let keep = libc::O_ACCMODE
+            | libc::O_TRUNC
+            | libc::O_SYNC
+            | libc::O_DSYNC
+            | libc::O_NOATIME
+            | libc::O_APPEND;
         let oflags = OFlags::from_bits_retain((flags.0 & keep) as _);
         // Non-blocking, and checked after opening: a FIFO swapped in meanwhile must not hang a
         // worker thread, nor be served.
@@ -978,7 +1181,7 @@ impl Fence {
         let parent = self.node(parent)?;
         let (path, _) = self.prepare_create(Op::Create, &parent, name, false)?;
         let r = rel(&path);
-        let keep = libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC;
+        let keep = libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC | libc::O_APPEND;
         let fd = sfs::open_beneath(
             self.layers.upper(),
             r,
@@ -1093,7 +1296,7 @@ impl Filesystem for Fence {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.do_getattr(ino) {
+        match self.do_getattr(ino, _fh) {
             Ok(attr) => reply.attr(&self.ttl_of(attr.ino.0), &attr),
             Err(e) => reply.error(ferr(e)),
         }
@@ -1241,10 +1444,11 @@ impl Filesystem for Fence {
         } else {
             None
         };
-        match (
-            self.new_fh(Handle::File(fd, audit, backing.clone())),
-            backing,
-        ) {
+        let fh = self.new_fh(Handle::File(fd, audit, backing.clone()));
+        if let (Ok(fh), Ok(mut m)) = (&fh, self.open_files.lock()) {
+            m.insert(ino.0, *fh);
+        }
+        match (fh, backing) {
             (Ok(fh), Some(b)) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
             (Ok(fh), None) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             (Err(e), _) => reply.error(ferr(e)),
@@ -1326,6 +1530,11 @@ impl Filesystem for Fence {
         reply: ReplyEmpty,
     ) {
         let handle = self.handles.lock().ok().and_then(|mut h| h.remove(&fh.0));
+        if let Ok(mut m) = self.open_files.lock() {
+            if m.get(&_ino.0) == Some(&fh.0) {
+                m.remove(&_ino.0);
+            }
+        }
         let audit = handle.as_deref().and_then(|h| match h {
             Handle::File(_, Some(a), _) => Some(a),
             _ => None,
@@ -1623,13 +1832,18 @@ impl Filesystem for Fence {
     ) {
         set_who(req);
         match self.do_create(req, parent, name, mode, flags) {
-            Ok((attr, fh)) => reply.created(
-                &self.ttl_of(attr.ino.0),
-                &attr,
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((attr, fh)) => {
+                if let Ok(mut m) = self.open_files.lock() {
+                    m.insert(attr.ino.0, fh);
+                }
+                reply.created(
+                    &self.ttl_of(attr.ino.0),
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                )
+            }
             Err(e) => reply.error(ferr(e)),
         }
     }

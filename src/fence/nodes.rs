@@ -88,6 +88,12 @@ impl Nodes {
         count: bool,
     ) -> u64 {
         if let Some(&ino) = self.by_path.get(path) {
+            if self.by_ino.get(&ino).is_some_and(|n| n.kind != kind) {
+                // Another kind of entry at this path now (the host replaced a directory with a
+                // file, say): a new inode, as the kernel must not see one inode change type.
+                self.removed(path);
+                return self.upsert(path, kind, merge_base, parent_merge, count);
+            }
             if let Some(n) = self.by_ino.get_mut(&ino) {
                 n.kind = kind;
                 n.merge_base = merge_base;

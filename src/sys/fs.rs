@@ -110,7 +110,9 @@ pub fn lstat(root: BorrowedFd<'_>, rel: &str) -> Res<Option<Stat>> {
     };
     match r {
         Ok(st) => Ok(Some(st)),
-        Err(Errno::NOENT) | Err(Errno::NOTDIR) => Ok(None),
+        // A directory on the way that is no longer one (or now a symlink, which is never
+        // followed): there is no such path.
+        Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) => Ok(None),
         Err(e) => Err(e),
     }
 }

@@ -76,10 +76,25 @@ pub struct Workspace<'a> {
 /// before the delta forgets them. Read from `AGENTFENSE_TEST_COMMIT_INTERRUPT_AFTER`.
 pub const INTERRUPT_ENV: &str = "AGENTFENSE_TEST_COMMIT_INTERRUPT_AFTER";
 
+/// A journal line: before a temporary name is made in the base (`tmp`), and before it is
+/// renamed into place (`ino`, the new entry's inode).
 #[derive(Serialize, Deserialize)]
 struct JournalLine {
     p: String,
-    ino: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ino: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tmp: Option<String>,
+}
+
+/// A temporary name no container chose: random, and journaled before it is made, so that a
+/// later run removes exactly the names an interrupted one left.
+fn temp_name(parent: &str, tag: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    sfs::join(parent, &format!(".agentfense-commit-{tag}-{r:016x}"))
 }
 
 enum Outcome {
@@ -115,7 +130,18 @@ pub fn commit_workspace(ws: &Workspace, policy: &Policy, report: &mut Report) ->
         .map_err(|e| anyhow!("cannot open the delta {}: {e}", ws.upper.display()))?;
     let origins = origins::load(ws.origins)
         .with_context(|| format!("failed to read {}", ws.origins.display()))?;
-    let journal = load_journal(ws.journal)?;
+    let (journal, leftovers) = load_journal(ws.journal)?;
+    {
+        // Temporary names an interrupted run made and did not rename: remove them.
+        let b = base.as_fd();
+        for t in leftovers {
+            if let Ok(Some(st)) = sfs::lstat(b, &t) {
+                if sfs::file_type(&st) != FileType::Directory {
+                    sfs::unlink(b, &t, false).map_err(|e| err(e, "clean", &t))?;
+                }
+            }
+        }
+    }
     let journal_file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -142,20 +168,27 @@ pub fn commit_workspace(ws: &Workspace, policy: &Policy, report: &mut Report) ->
     c.finish()
 }
 
-fn load_journal(path: &Path) -> Result<HashMap<String, u64>> {
+/// The journal: inodes that landed, by path; temporary names made.
+fn load_journal(path: &Path) -> Result<(HashMap<String, u64>, Vec<String>)> {
     let mut m = HashMap::new();
+    let mut tmps = Vec::new();
     match File::open(path) {
         Ok(f) => {
             for line in BufReader::new(f).lines() {
                 if let Ok(l) = serde_json::from_str::<JournalLine>(&line?) {
-                    m.insert(l.p, l.ino);
+                    if let Some(ino) = l.ino {
+                        m.insert(l.p.clone(), ino);
+                    }
+                    if let Some(t) = l.tmp {
+                        tmps.push(t);
+                    }
                 }
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("failed to read {}", path.display())),
     }
-    Ok(m)
+    Ok((m, tmps))
 }
 
 fn err(e: Errno, what: &str, rel: &str) -> anyhow::Error {
@@ -272,9 +305,6 @@ impl Committer<'_> {
                         let Some(name) = name.to_str() else {
                             continue;
                         };
-                        if name.starts_with(".agentfense-commit-") {
-                            continue;
-                        }
                         let child = sfs::join(rel, name);
                         if sfs::lstat(self.u(), &child)
                             .map_err(|e| err(e, "stat", &child))?
@@ -416,27 +446,29 @@ impl Committer<'_> {
                 sfs::unlink(self.b(), rel, true).map_err(|e| err(e, "rmdir", rel))?;
             }
         }
-        let (parent, name) = sfs::split(rel);
-        let tmp = sfs::join(parent, &format!(".agentfense-commit-{}", self.ws.tag));
-        if let Some(old) = sfs::lstat(self.b(), &tmp).map_err(|e| err(e, "stat", &tmp))? {
-            // Left by an interrupted run.
-            if sfs::file_type(&old) != FileType::Directory {
-                sfs::unlink(self.b(), &tmp, false).map_err(|e| err(e, "clean", &tmp))?;
-            }
+        let (parent, _) = sfs::split(rel);
+        let mut tmp = temp_name(parent, self.ws.tag);
+        while sfs::lstat(self.b(), &tmp)
+            .map_err(|e| err(e, "stat", &tmp))?
+            .is_some()
+        {
+            tmp = temp_name(parent, self.ws.tag);
         }
-        let _ = name;
+        self.journal(JournalLine {
+            p: rel.to_string(),
+            ino: None,
+            tmp: Some(tmp.clone()),
+        })?;
         self.write_beside(rel, &tmp, st_u)?;
         let ino = sfs::lstat(self.b(), &tmp)
             .map_err(|e| err(e, "stat", &tmp))?
             .ok_or_else(|| anyhow!("{tmp} vanished"))?
             .st_ino;
-        let mut line = serde_json::to_string(&JournalLine {
+        self.journal(JournalLine {
             p: rel.to_string(),
-            ino,
+            ino: Some(ino),
+            tmp: None,
         })?;
-        line.push('\n');
-        self.journal_file.write_all(line.as_bytes())?;
-        self.journal_file.sync_data()?;
         sfs::rename(self.b(), &tmp, rel, RenameFlags::empty())
             .map_err(|e| err(e, "rename", rel))?;
         self.landed += 1;
@@ -454,6 +486,14 @@ impl Committer<'_> {
             self.report.added.push(self.shown(rel));
         }
         Ok(Outcome::Done)
+    }
+
+    fn journal(&mut self, l: JournalLine) -> Result<()> {
+        let mut line = serde_json::to_string(&l)?;
+        line.push('\n');
+        self.journal_file.write_all(line.as_bytes())?;
+        self.journal_file.sync_data()?;
+        Ok(())
     }
 
     /// A complete copy of upper entry `rel` at base path `tmp`.

@@ -147,6 +147,29 @@ pub fn request_of(spec: &Spec, admin: &AdminConfig) -> Result<Option<FenceReques
     .map_err(|e| anyhow!("agentfense: {e}"))
 }
 
+/// With the environment form, an image's ENV could point the fence somewhere else
+/// (`AGENTFENSE_WORKSPACE`) and leave the user's repository unfenced: a directory mounted at the
+/// default workspace path is always fenced then.
+fn check_env_workspace(spec: &Spec, req: &FenceRequest) -> Result<()> {
+    if req.source != crate::policy::Source::Env {
+        return Ok(());
+    }
+    let default = crate::policy::source::DEFAULT_WORKSPACE;
+    let mounted = spec.mounts().as_ref().is_some_and(|ms| {
+        ms.iter()
+            .any(|m| m.destination().to_str().map(|d| d.trim_end_matches('/')) == Some(default))
+    });
+    if mounted && !req.workspaces.iter().any(|w| w == default) {
+        bail!(
+            "agentfense: AGENTFENSE_WORKSPACE ({}) leaves the directory mounted at {default} \
+             unfenced; with the environment form that is refused (an image's ENV may set it): \
+             include {default}, or use annotations",
+            req.workspaces.join(",")
+        );
+    }
+    Ok(())
+}
+
 /// Sets up fencing for container `id` of `bundle`, if its spec asks for it.
 pub fn prepare(
     id: &str,
@@ -167,7 +190,56 @@ pub fn prepare(
     if runtime_root.join(id).exists() {
         bail!("container {id} already exists");
     }
-    let plans = splice::plan(&spec, bundle, &req.workspaces).context("agentfense")?;
+    let prepared = Prepared {
+        config_path: config_path.clone(),
+        original_config,
+        admin: admin.clone(),
+        id: id.to_string(),
+    };
+    let restore = || {
+        let _ = fs::write(&prepared.config_path, &prepared.original_config);
+    };
+    let rewritten = fence_spec(id, &spec, bundle, &req, admin, runtime_root, &restore)?;
+    let tmp = config_path.with_extension("json.agentfense-tmp");
+    fs::write(&tmp, serde_json::to_vec(&rewritten)?)
+        .and_then(|_| fs::rename(&tmp, &config_path))
+        .with_context(|| format!("failed to rewrite {}", config_path.display()))
+        .inspect_err(|_| {
+            let _ = teardown(admin, id);
+        })?;
+    Ok(Some(prepared))
+}
+
+/// Sets up fencing for container `id` as [`prepare`] does, but on a spec in memory: for an
+/// engine's OCI hook (`agentfense-runc hook precreate`), which is handed the spec and hands
+/// back the fenced one. `req` is the spec's fencing request ([`request_of`]); `bundle` is
+/// what a relative `root.path` is relative to; `runtime_root` is recorded in `fence.json` as
+/// the fence's owner (for hooks, a marker such as `hook:podman`). On success the fences are
+/// running and the returned spec mounts them; on failure nothing is left running.
+pub fn prepare_spec(
+    id: &str,
+    spec: &Spec,
+    bundle: &Path,
+    req: &FenceRequest,
+    admin: &AdminConfig,
+    runtime_root: &Path,
+) -> Result<Spec> {
+    fence_spec(id, spec, bundle, req, admin, runtime_root, &|| {})
+}
+
+/// What [`prepare`] and [`prepare_spec`] share: plan the fences, start them, and rewrite the
+/// spec. `undo` is called, before the teardown, when starting the fences fails.
+fn fence_spec(
+    id: &str,
+    spec: &Spec,
+    bundle: &Path,
+    req: &FenceRequest,
+    admin: &AdminConfig,
+    runtime_root: &Path,
+    undo: &dyn Fn(),
+) -> Result<Spec> {
+    let plans = splice::plan(spec, bundle, &req.workspaces).context("agentfense")?;
+    check_env_workspace(spec, req)?;
     let cdir = container_state_dir(admin, id);
     mkdir_private(&cdir)?;
     // A previous incarnation under this id that was never deleted (a crash): clean it first,
@@ -197,19 +269,13 @@ pub fn prepare(
         policy_sha256: req.policy_sha256.clone(),
         live: true,
     };
-    let prepared = Prepared {
-        config_path: config_path.clone(),
-        original_config,
-        admin: admin.clone(),
-        id: id.to_string(),
-    };
     let audit_path = cdir.join(AUDIT_FILE);
     if req.audit != AuditLevel::Off {
         let info = audit::create_info(&req.policy, &req.workspaces, req.delta, req.audit);
         audit::append_lifecycle(&audit_path, id, "create", info)
             .with_context(|| format!("agentfense: failed to write {}", audit_path.display()))?;
     }
-    match start_fences(&cdir, id, &plans, &req, admin, &mut record) {
+    match start_fences(&cdir, id, &plans, req, admin, &mut record) {
         Ok(mountpoints) => {
             let env = (!req.remove_env.is_empty()).then(|| {
                 let env = spec
@@ -219,19 +285,16 @@ pub fn prepare(
                     .unwrap_or_default();
                 req.filter_env(&env)
             });
-            let rewritten = splice::rewrite(&spec, &plans, &mountpoints, env)?;
-            let tmp = config_path.with_extension("json.agentfense-tmp");
-            fs::write(&tmp, serde_json::to_vec(&rewritten)?)
-                .and_then(|_| fs::rename(&tmp, &config_path))
-                .with_context(|| format!("failed to rewrite {}", config_path.display()))
-                .inspect_err(|_| {
-                    let _ = teardown(admin, id);
-                })?;
-            Ok(Some(prepared))
+            splice::rewrite(spec, &plans, &mountpoints, env).inspect_err(|_| {
+                let _ = teardown(admin, id);
+            })
         }
         Err(e) => {
             let _ = write_json(&cdir.join("fence.json"), &record);
-            prepared.abort();
+            undo();
+            if let Err(t) = teardown(admin, id) {
+                tracing::warn!("undoing the fence of {id}: {t:#}");
+            }
             Err(e)
         }
     }

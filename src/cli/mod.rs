@@ -10,9 +10,10 @@ use liboci_cli::{CommonCmd, GlobalOpts, StandardCmd};
 use crate::logging::{LogFormat, Logger};
 
 pub mod audit;
+pub mod configure;
 pub mod delta;
 pub mod executor;
-pub mod configure;
+pub mod hook;
 pub mod policy;
 pub mod runtime;
 pub mod sandbox;
@@ -98,6 +99,8 @@ pub enum Command {
     /// Register agentfense-runc as a runtime of Docker, containerd or podman (backup, merge,
     /// never clobber).
     Configure(configure::ConfigureArgs),
+    /// OCI hook entry point (podman, CRI-O): fences a container run by another runtime.
+    Hook(hook::HookArgs),
     /// Validate, explain and describe policies.
     Policy {
         #[command(subcommand)]
@@ -156,6 +159,7 @@ where
             | Command::Diff(_)
             | Command::Commit(_)
             | Command::Gc(_)
+            | Command::Hook(_)
     ) {
         let admin = match crate::lifecycle::admin_config(opts.agentfense.config.as_deref()) {
             Ok(a) => a,
@@ -171,6 +175,7 @@ where
             Command::Diff(args) => delta::diff(args, &admin),
             Command::Commit(args) => delta::commit(args, &admin),
             Command::Gc(args) => delta::gc(args, &admin),
+            Command::Hook(args) => hook::run(args, &admin),
             _ => Ok(1),
         };
         return match result {

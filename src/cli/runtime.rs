@@ -87,7 +87,8 @@ pub fn dispatch(cmd: Command, global: &GlobalOpts, agentfense: &AgentfenseOpts) 
         | Command::Diff(_)
         | Command::Commit(_)
         | Command::Gc(_)
-        | Command::Configure(_) => {
+        | Command::Configure(_)
+        | Command::Hook(_) => {
             bail!("not a runtime command")
         }
     }
@@ -130,7 +131,7 @@ pub fn validate_id(id: &str) -> Result<()> {
     }
 }
 
-fn load(ctx: &Ctx, id: &str) -> Result<Container> {
+pub(crate) fn load(ctx: &Ctx, id: &str) -> Result<Container> {
     let dir = container_dir(ctx, id)?;
     if !dir.join("state.json").exists() {
         bail!(ERR_NOT_EXIST);
@@ -149,24 +150,77 @@ fn create(args: liboci_cli::Create, ctx: &Ctx) -> Result<()> {
     validate_id(&args.container_id)?;
     let bundle = absolute(&args.bundle)?;
     let admin = lifecycle::admin_config(ctx.agentfense.config.as_deref())?;
-    let fence = lifecycle::prepare(&args.container_id, &bundle, &admin, &ctx.root)?;
-    let built = builder(&args.container_id)
-        .with_pid_file(args.pid_file.as_ref())?
-        .with_console_socket(args.console_socket.as_ref())
-        .with_root_path(&ctx.root)?
-        .with_preserved_fds(args.preserve_fds)
-        .validate_id()?
-        .as_init(&bundle)
+    let opts = InitOpts {
+        pid_file: args.pid_file.as_ref(),
+        console_socket: args.console_socket.as_ref(),
+        preserve_fds: args.preserve_fds,
+        detach: true,
+        no_pivot: args.no_pivot,
+        clear_signal_mask: false,
+    };
+    create_init(&args.container_id, &bundle, &opts, &admin, ctx).map(|_| ())
+}
+
+/// How libcontainer is to create a container's init process (`create`, `run`, `sandbox`).
+pub(crate) struct InitOpts<'a> {
+    pub pid_file: Option<&'a PathBuf>,
+    pub console_socket: Option<&'a PathBuf>,
+    pub preserve_fds: i32,
+    pub detach: bool,
+    pub no_pivot: bool,
+    /// The container's process inherits the calling thread's signal mask: create it with no
+    /// signal blocked (for a caller that blocks signals while it sets up, as `sandbox` does).
+    pub clear_signal_mask: bool,
+}
+
+/// The shared path of `create`, `run` and `sandbox`: the bundle fenced if its spec asks for
+/// it ([`lifecycle::prepare`]), then the container created by libcontainer; if that fails, the
+/// fence is undone. The bundle's `config.json` is left as it was in either case.
+pub(crate) fn create_init(
+    id: &str,
+    bundle: &Path,
+    opts: &InitOpts<'_>,
+    admin: &crate::config::AdminConfig,
+    ctx: &Ctx,
+) -> Result<Container> {
+    let fence = lifecycle::prepare(id, bundle, admin, &ctx.root)?;
+    let b = builder(id)
+        .with_pid_file(opts.pid_file)
+        .and_then(|b| {
+            b.with_console_socket(opts.console_socket)
+                .with_root_path(&ctx.root)
+        })
+        .and_then(|b| b.with_preserved_fds(opts.preserve_fds).validate_id());
+    let b = match b {
+        Ok(b) => b,
+        Err(e) => {
+            if let Some(f) = fence {
+                f.abort();
+            }
+            return Err(e.into());
+        }
+    };
+    let saved_mask = if opts.clear_signal_mask {
+        Some(SigSet::empty().thread_swap_mask(nixsignal::SigmaskHow::SIG_SETMASK)?)
+    } else {
+        None
+    };
+    let built = b
+        .as_init(bundle)
         .with_systemd(ctx.systemd_cgroup)
-        .with_detach(true)
-        .with_no_pivot(args.no_pivot)
+        .with_detach(opts.detach)
+        .with_no_pivot(opts.no_pivot)
         .build();
+    if let Some(mask) = saved_mask {
+        // pthread_sigmask with a valid set cannot fail.
+        let _ = mask.thread_set_mask();
+    }
     match built {
-        Ok(_) => {
+        Ok(c) => {
             if let Some(f) = fence {
                 f.created();
             }
-            Ok(())
+            Ok(c)
         }
         Err(e) => {
             if let Some(f) = fence {
@@ -270,7 +324,7 @@ fn kill_cmd(id: &str, signal: &str, all: bool, ctx: &Ctx) -> Result<()> {
 
 /// `delete`: libcontainer's delete, then the container's fences torn down (delta kept). A
 /// fence left behind by a create that died half way is cleaned up too.
-fn delete(id: &str, force: bool, ctx: &Ctx) -> Result<()> {
+pub(crate) fn delete(id: &str, force: bool, ctx: &Ctx) -> Result<()> {
     let result = delete_container(id, force, ctx);
     if result.is_ok() || !container_dir(ctx, id)?.join("state.json").exists() {
         let admin = lifecycle::admin_config(ctx.agentfense.config.as_deref())?;
@@ -377,32 +431,15 @@ fn run(args: liboci_cli::Run, ctx: &Ctx) -> Result<i32> {
     validate_id(&args.container_id)?;
     let bundle = absolute(&args.bundle)?;
     let admin = lifecycle::admin_config(ctx.agentfense.config.as_deref())?;
-    let fence = lifecycle::prepare(&args.container_id, &bundle, &admin, &ctx.root)?;
-    let built = builder(&args.container_id)
-        .with_pid_file(args.pid_file.as_ref())?
-        .with_console_socket(args.console_socket.as_ref())
-        .with_root_path(&ctx.root)?
-        .with_preserved_fds(args.preserve_fds)
-        .validate_id()?
-        .as_init(&bundle)
-        .with_systemd(ctx.systemd_cgroup)
-        .with_detach(args.detach)
-        .with_no_pivot(args.no_pivot)
-        .build();
-    let mut c = match built {
-        Ok(c) => {
-            if let Some(f) = fence {
-                f.created();
-            }
-            c
-        }
-        Err(e) => {
-            if let Some(f) = fence {
-                f.abort();
-            }
-            return Err(anyhow!(runc_create_error(&format!("{:#}", anyhow!(e)))));
-        }
+    let opts = InitOpts {
+        pid_file: args.pid_file.as_ref(),
+        console_socket: args.console_socket.as_ref(),
+        preserve_fds: args.preserve_fds,
+        detach: args.detach,
+        no_pivot: args.no_pivot,
+        clear_signal_mask: false,
     };
+    let mut c = create_init(&args.container_id, &bundle, &opts, &admin, ctx)?;
     c.start().map_err(|e| {
         anyhow!(e).context(format!("failed to start container {}", args.container_id))
     })?;

@@ -305,6 +305,24 @@ pub fn from_spec(
         preset: settings.get(Key::Preset),
         policy_name: settings.get(Key::PolicyName),
     };
+    if from_env {
+        // The engine merges the image's ENV with the user's variables: two policy sources in
+        // the environment may come from two parties, and an image must not add rules to the
+        // user's. One source only (an inline policy can still name a preset and add rules).
+        let given: Vec<&str> = [inputs.policy, inputs.preset, inputs.policy_name]
+            .into_iter()
+            .flatten()
+            .map(|(l, _)| l)
+            .collect();
+        if given.len() > 1 {
+            return Err(PolicyError::invalid(format!(
+                "{} are both given in the environment; give one of them (an image's ENV must not \
+                 add to the user's policy): to add rules to a preset, name it in the inline \
+                 policy ({{\"preset\": ..., \"rules\": [...]}}) or use annotations",
+                given.join(" and ")
+            )));
+        }
+    }
     let (policy, source) = match resolve_policy(&inputs, admin, read_named)? {
         Some(p) => (p, source),
         None => match admin_default_policy(admin)? {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares this Debian host for the end-to-end tests and the demo, as root:
-#   host.sh install   Debian packages and the Python test runner
+#   host.sh install   Debian packages, the Python test runner and cargo-fuzz
 #   host.sh start     dockerd (which starts its own containerd) unless one already answers
 #   host.sh stop      stops what `start` started, nothing else
 # Idempotent: safe to run again on a host that is already set up.
@@ -8,7 +8,8 @@ set -euo pipefail
 
 STATE=/run/agentfense-test-host
 PKGS=(docker.io containerd runc podman fuse3 libseccomp-dev pkg-config busybox-static
-      bindfs fuse-overlayfs jq rsync iptables uidmap slirp4netns conmon gcc libc6-dev)
+      bindfs fuse-overlayfs jq rsync iptables uidmap slirp4netns conmon gcc libc6-dev
+      g++)  # g++: libfuzzer-sys builds libFuzzer from C++ (make fuzz-ci)
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then echo "host.sh: must run as root" >&2; exit 1; fi
@@ -28,6 +29,23 @@ install() {
     if ! python3 -c 'import pytest' 2>/dev/null; then
         python3 -m pip install -q pytest
     fi
+    install_cargo_fuzz
+}
+
+# cargo-fuzz, for the fuzz step of `make test` (fuzz/run.sh; stable Rust is enough).
+install_cargo_fuzz() {
+    if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "host.sh: cargo is missing: install the stable Rust toolchain (rustup) first" >&2
+        exit 1
+    fi
+    if cargo fuzz --version >/dev/null 2>&1; then
+        return 0
+    fi
+    echo "host.sh: installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
 }
 
 docker_up() {

@@ -17,12 +17,16 @@ fn kind(b: u8) -> RuleType {
     }
 }
 
-fuzz_target!(|input: (
+/// Rules (pattern, level, type, priority), floor rules (pattern, level, priority), the
+/// default level, paths.
+type Input = (
     Vec<(String, u8, u8, i8)>,
     Vec<(String, u8, i8)>,
     u8,
-    Vec<String>
-)| {
+    Vec<String>,
+);
+
+fuzz_target!(|input: Input| {
     let (rules, floor, default, paths) = input;
     let rules: Vec<Rule> = rules
         .into_iter()

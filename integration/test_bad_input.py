@@ -146,10 +146,14 @@ CASES = [
     Case("priority-overflow", [("policy", '[{"pattern": "**", "permission": "read", "priority": 9223372036854775808}]')],
          [R0 + "priority: 9223372036854775808 is not an integer"]),
     # ---- sources that contradict each other (a policy with a preset is fine: SPEC §2)
+    # (docker, ctr): the environment form takes one policy source only (an image's ENV must
+    # not add to the user's), annotations say what contradicts what.
     Case("preset-and-policy-name", [("preset", "read-only"), ("policy-name", "team")],
-         ["{preset} and {policy_name} are both given; give one of them"]),
+         [("{preset} and {policy_name} are both given in the environment; give one of them",
+           "{preset} and {policy_name} are both given; give one of them")]),
     Case("policy-preset-vs-preset", [("policy", '{"preset": "read-only"}'), ("preset", "full-access")],
-         ['{policy} names preset "read-only" but {preset} is "full-access"; give one preset']),
+         [("{policy} and {preset} are both given in the environment; give one of them",
+           '{policy} names preset "read-only" but {preset} is "full-access"; give one preset')]),
     Case("workspace-without-policy", [("workspace", "/workspace")],
          ["{workspace} given but no {policy}, {preset} or {policy_name}: fencing is off without a policy"]),
     Case("delta-without-policy", [("delta", "discard")], ["{delta} given but no {policy}"]),
@@ -216,6 +220,8 @@ def expected(case, engine):
     labels["unknown"] = "unknown annotation" if engine == "ctr" else "unknown environment variable"
     out = []
     for e in case.expect:
+        if isinstance(e, tuple):
+            e = e[0] if engine == "docker" else e[1]
         for k, v in labels.items():
             e = e.replace("{" + k + "}", v)
         out.append(e)

@@ -268,3 +268,52 @@ def test_many_files_memory(tmp_path):
         assert f.proc.poll() is None
     finally:
         f.close()
+
+
+@pytest.mark.parametrize("step", ["state-dir", "daemon", "config", "built"])
+def test_runtime_killed_during_create_then_delete_force_leaves_nothing(tmp_path, image, step):
+    """The runtime dies (abort: no cleanup of its own) at each step of a fenced create: after
+    the state directory, after the fence daemon is up, after config.json is rewritten, after
+    libcontainer built the container. `delete --force` then leaves no mount, no daemon, no
+    container process, and the base unchanged."""
+    from conftest import make_bundle
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "f.txt").write_text("base\n")
+    digest = tree_digest(repo)
+    bundle = make_bundle(tmp_path, ["sleep", "1000"],
+                         {"agentfense.io/preset": "read-only"}, repo)
+    root = tmp_path / "root"
+    cid = unique("crash")
+    env = dict(os.environ, AGENTFENSE_TEST_CRASH_AT=step)
+    with open(tmp_path / "create.err", "w+") as err:
+        p = subprocess.run([str(BIN), "--root", str(root), "create", "--bundle", str(bundle), cid],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                           env=env, timeout=60)
+    assert p.returncode != 0, f"{step}: the runtime was not killed"
+    state_dir = Path("/var/lib/agentfense/containers") / cid
+
+    def mine():
+        mounts = [l for l in Path("/proc/mounts").read_text().splitlines() if f"agentfense:{cid}" in l]
+        daemons = sh(["pgrep", "-f", f"containers/{cid}/daemon"]).stdout.split()
+        return mounts, daemons
+
+    if step != "state-dir":
+        assert mine() != ([], []), f"{step}: the fence should be up when the runtime died"
+    init = None
+    if step == "built":
+        st = sh([BIN, "--root", root, "state", cid])
+        assert st.returncode == 0, st.stderr
+        init = json.loads(st.stdout)["pid"]
+    p = sh([BIN, "--root", root, "delete", "--force", cid])
+    assert p.returncode == 0, p.stderr
+    wait_for(lambda: mine() == ([], []), f"{step}: fence mounts and daemons to go away")
+    if init:
+        wait_for(lambda: not Path(f"/proc/{init}").exists() or
+                 Path(f"/proc/{init}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+                 "the container's process to go away")
+    assert not (root / cid).exists()
+    if (state_dir / "fence.json").exists():
+        assert json.loads((state_dir / "fence.json").read_text())["live"] is False
+    assert tree_digest(repo) == digest
+    sh(["rm", "-rf", str(state_dir)])

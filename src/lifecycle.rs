@@ -170,6 +170,14 @@ fn check_env_workspace(spec: &Spec, req: &FenceRequest) -> Result<()> {
     Ok(())
 }
 
+/// Test hook for fault injection: the runtime dies here (as if killed: no cleanup runs) when
+/// `AGENTFENSE_TEST_CRASH_AT` names this point. `delete --force` must then leave nothing.
+pub fn crash_point(name: &str) {
+    if std::env::var_os("AGENTFENSE_TEST_CRASH_AT").is_some_and(|v| v == name) {
+        std::process::abort();
+    }
+}
+
 /// Sets up fencing for container `id` of `bundle`, if its spec asks for it.
 pub fn prepare(
     id: &str,
@@ -207,6 +215,7 @@ pub fn prepare(
         .inspect_err(|_| {
             let _ = teardown(admin, id);
         })?;
+    crash_point("config");
     Ok(Some(prepared))
 }
 
@@ -242,6 +251,7 @@ fn fence_spec(
     check_env_workspace(spec, req)?;
     let cdir = container_state_dir(admin, id);
     mkdir_private(&cdir)?;
+    crash_point("state-dir");
     // A previous incarnation under this id that was never deleted (a crash): clean it first,
     // unless another engine's container owns it.
     if let Some(old) = read_record(admin, id)? {
@@ -396,6 +406,7 @@ fn start_fences(
             w.daemon = Some(handle);
         }
         write_json(&cdir.join("fence.json"), &*record)?;
+        crash_point("daemon");
         mountpoints.push(mountpoint);
     }
     Ok(mountpoints)

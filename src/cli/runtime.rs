@@ -217,6 +217,7 @@ pub(crate) fn create_init(
     }
     match built {
         Ok(c) => {
+            lifecycle::crash_point("built");
             if let Some(f) = fence {
                 f.created();
             }

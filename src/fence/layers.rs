@@ -259,7 +259,15 @@ impl Layers {
 
     /// Opens the entry's backing file.
     pub fn open_file(&self, rel: &str, layer: Layer, flags: OFlags) -> Res<OwnedFd> {
-        sfs::open_beneath(self.root(layer), rel, flags, Mode::empty())
+        // A symlink where the entry or a directory on its way was (the host swapped it since
+        // the lookup) is never followed: the entry is stale, and the kernel looks it up again.
+        sfs::open_beneath(self.root(layer), rel, flags, Mode::empty()).map_err(|e| {
+            if e == Errno::LOOP {
+                Errno::STALE
+            } else {
+                e
+            }
+        })
     }
 
     /// Makes sure directory `rel` exists in the upper layer, creating it and its missing

@@ -680,22 +680,11 @@ impl Fence {
         if atime.is_some() || mtime.is_some() {
             let st = sfs::lstat(up, r)?.ok_or(Errno::NOENT)?;
             let mut t = sfs::stat_times(&st);
-            let conv = |x: TimeOrNow| -> rustix::fs::Timespec {
-                let when = match x {
-                    TimeOrNow::SpecificTime(t) => t,
-                    TimeOrNow::Now => SystemTime::now(),
-                };
-                let d = when.duration_since(UNIX_EPOCH).unwrap_or_default();
-                rustix::fs::Timespec {
-                    tv_sec: d.as_secs() as i64,
-                    tv_nsec: d.subsec_nanos() as _,
-                }
-            };
             if let Some(a) = atime {
-                t.last_access = conv(a);
+                t.last_access = timespec(a);
             }
             if let Some(m) = mtime {
-                t.last_modification = conv(m);
+                t.last_modification = timespec(m);
             }
             sfs::set_times(up, r, &t)?;
         }

@@ -220,3 +220,48 @@ def make_bundle(tmp_path, args, annotations, workspace=None, rootfs=None):
     cfg["annotations"] = annotations
     (bundle / "config.json").write_text(json.dumps(cfg))
     return bundle
+
+
+class DirectFence:
+    """A fence mounted by the daemon itself, no engine or container: over `base` (None: the
+    workspace `upper` is changed in place, delta=off), delta in `upper`, mounted at `mnt`.
+    `umask` and `nofile` set the daemon's umask and descriptor limit at start."""
+
+    def __init__(self, base, upper, mnt, policy, cid="direct", umask=None, nofile=None):
+        self.mnt = Path(mnt)
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        self.upper = Path(upper)
+        self.upper.mkdir(parents=True, exist_ok=True)
+        cfg = {"container_id": cid, "base": str(base) if base is not None else None,
+               "upper": str(upper), "mountpoint": str(self.mnt), "read_only": False,
+               "policy": policy, "audit_level": "off", "audit_path": None}
+        self.cfg = Path(str(self.mnt) + ".json")
+        self.cfg.write_text(json.dumps(cfg))
+        self.err = open(str(self.mnt) + ".stderr", "w+")
+        limit = ["prlimit", f"--nofile={nofile}:{nofile}"] if nofile else []
+        self.proc = subprocess.Popen(
+            [*limit, str(BIN), "fence-daemon", str(self.cfg)], stdout=subprocess.PIPE,
+            stderr=self.err, text=True,
+            preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.proc.kill()
+            self.err.seek(0)
+            pytest.fail(f"fence daemon did not mount {self.mnt}: {line!r} {self.err.read()}")
+
+    def pid(self):
+        return self.proc.pid
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def close(self):
+        if os.path.ismount(self.mnt):
+            subprocess.run(["umount", self.mnt], capture_output=True)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            subprocess.run(["umount", "-l", self.mnt], capture_output=True)
+        self.err.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, DOCKER, IMAGE, sh, unique, wait_for
+from conftest import BIN, DOCKER, IMAGE, DirectFence, sh, unique, wait_for
 from test_fence import BEFORE, fence_mounts_and_daemons, no_leftovers, tree_digest
 
 FULL = json.dumps({"default": "none", "rules": [
@@ -21,35 +21,13 @@ FULL = json.dumps({"default": "none", "rules": [
     {"pattern": "**/.env", "permission": "none", "type": "glob", "priority": 9}]})
 
 
-class Fence:
+class Fence(DirectFence):
     """A fence mounted by the daemon directly (no engine), over `base`, delta in `upper`."""
 
     def __init__(self, tmp, base, upper=None, policy=FULL, nofile=None):
         self.dir = tmp / unique("fence")
-        self.dir.mkdir()
-        self.upper = Path(upper) if upper else self.dir / "upper"
-        self.upper.mkdir(exist_ok=True)
-        self.mnt = self.dir / "mnt"
-        self.mnt.mkdir()
-        cfg = {"container_id": self.dir.name, "base": str(base), "upper": str(self.upper),
-               "mountpoint": str(self.mnt), "read_only": False, "policy": policy,
-               "audit_level": "off", "audit_path": None}
-        (self.dir / "cfg.json").write_text(json.dumps(cfg))
-        limit = ["prlimit", f"--nofile={nofile}:{nofile}"] if nofile else []
-        self.proc = subprocess.Popen([*limit, str(BIN), "fence-daemon", str(self.dir / "cfg.json")],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline().strip() == "ready", self.proc.stderr.read()
-
-    def pid(self):
-        return self.proc.pid
-
-    def close(self):
-        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(base, upper or self.dir / "upper", self.dir / "mnt", policy,
+                         self.dir.name, nofile=nofile)
 
 
 def rss_kib(pid):

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import DirectFence
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("AGENTFENSE_BIN", REPO / "target" / "release" / "agentfense-runc")).resolve()
 PJD_VERSION = "0.2.2"
@@ -253,42 +255,15 @@ def run_pjdfstest(where, config, log):
 # Fences mounted by the daemon directly
 # ---------------------------------------------------------------------------------------------
 
-class Fence:
+class Fence(DirectFence):
     """A full-access fence at `dir/mnt`: copy-on-write over `dir/base` (empty) into
     `dir/upper`, or with `cow=False` (delta=off) changing `dir/upper` in place."""
 
     def __init__(self, dir, cow, policy=FULL_ACCESS, cid="pjdfstest"):
         self.dir = dir
-        for d in ("base", "upper", "mnt"):
-            (dir / d).mkdir(parents=True, exist_ok=True)
-        self.mnt = dir / "mnt"
-        cfg = {"container_id": cid, "base": str(dir / "base") if cow else None,
-               "upper": str(dir / "upper"), "mountpoint": str(self.mnt), "read_only": False,
-               "policy": policy, "audit_level": "off", "audit_path": None}
-        (dir / "cfg.json").write_text(json.dumps(cfg))
-        self.stderr = open(dir / "daemon.stderr", "w+")
-        self.proc = subprocess.Popen([BIN, "fence-daemon", dir / "cfg.json"],
-                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-                                     preexec_fn=lambda: os.umask(DAEMON_UMASK))
-        line = self.proc.stdout.readline()
-        if line.strip() != "ready":
-            self.proc.kill()
-            self.stderr.seek(0)
-            pytest.fail(f"fence daemon did not mount {self.mnt}: {line!r} {self.stderr.read()}")
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def close(self):
-        if os.path.ismount(self.mnt):
-            subprocess.run(["umount", self.mnt], capture_output=True)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            subprocess.run(["umount", "-l", self.mnt], capture_output=True)
-        self.stderr.close()
+        (dir / "base").mkdir(parents=True, exist_ok=True)
+        super().__init__(dir / "base" if cow else None, dir / "upper", dir / "mnt", policy, cid,
+                         umask=DAEMON_UMASK)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import DirectFence
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("AGENTFENSE_BIN", REPO / "target" / "release" / "agentfense-runc")).resolve()
 SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))
@@ -75,38 +77,9 @@ def renameat2(a, b, flags):
 # The fence
 # ---------------------------------------------------------------------------------------------
 
-class Fence:
+class Fence(DirectFence):
     def __init__(self, base, upper, mnt, cid="soak"):
-        self.mnt = Path(mnt)
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        cfg = {"container_id": cid, "base": str(base), "upper": str(upper),
-               "mountpoint": str(mnt), "read_only": False, "policy": FULL_ACCESS,
-               "audit_level": "off", "audit_path": None}
-        self.cfg = Path(str(mnt) + ".json")
-        self.cfg.write_text(json.dumps(cfg))
-        self.err = open(str(mnt) + ".stderr", "w+")
-        self.proc = subprocess.Popen([BIN, "fence-daemon", self.cfg], stdout=subprocess.PIPE,
-                                     stderr=self.err, text=True,
-                                     preexec_fn=lambda: os.umask(DAEMON_UMASK))
-        line = self.proc.stdout.readline()
-        if line.strip() != "ready":
-            self.proc.kill()
-            self.err.seek(0)
-            pytest.fail(f"fence daemon did not mount {mnt}: {line!r} {self.err.read()}")
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def close(self):
-        if os.path.ismount(self.mnt):
-            subprocess.run(["umount", self.mnt], capture_output=True)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            subprocess.run(["umount", "-l", self.mnt], capture_output=True)
-        self.err.close()
+        super().__init__(base, upper, mnt, FULL_ACCESS, cid, umask=DAEMON_UMASK)
 
 
 # ---------------------------------------------------------------------------------------------

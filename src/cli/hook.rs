@@ -58,6 +58,12 @@ pub struct HookArgs {
 /// Never a directory (ids are only unique per runtime root; these are the engine's ids).
 pub const ROOT_PREFIX: &str = "hook:";
 
+/// The engine of a container fenced by a hook (`hook:podman` gives `podman`); None for a
+/// container the runtime itself fenced (its runtime root is a directory).
+pub fn hook_engine(runtime_root: &Path) -> Option<&str> {
+    runtime_root.to_str()?.strip_prefix(ROOT_PREFIX)
+}
+
 /// CRI-O's annotation holding the container id.
 const CRIO_ID: &str = "io.kubernetes.cri-o.ContainerID";
 
@@ -219,7 +225,7 @@ pub fn poststop(input: &[u8], admin: &AdminConfig) -> Result<()> {
         return Ok(());
     };
     // A container that agentfense-runc fenced as its runtime is the runtime's to tear down.
-    if !rec.runtime_root.to_string_lossy().starts_with(ROOT_PREFIX) {
+    if hook_engine(&rec.runtime_root).is_none() {
         return Ok(());
     }
     lifecycle::delete(admin, id, None)

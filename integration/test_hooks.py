@@ -5,7 +5,9 @@ files, pointed at the freshly built binary.
 A fenced container sees the policy (hidden `.env`, read-only sources, writes to output/ in
 its delta), its fence is gone once it exits, its audit trail stays; a container without
 annotations is not touched; a bad request makes podman refuse to create the container, with
-the hook's reason; a runtime create that fails after the hook fenced leaves nothing running.
+the hook's reason; a runtime create that fails after the hook fenced leaves nothing running. `gc` keeps a hook
+fence while its daemon runs or podman has the container, and collects one whose record was
+left live when podman never created the container.
 """
 
 import fcntl
@@ -259,3 +261,108 @@ def test_detached_container_exec_and_stop(podman_engine, hooks_dir, tmp_path):
     finally:
         sh(podman(hooks_dir, "rm", "-f", name))
     assert (repo / "src" / "main.py").read_text() == "print('hi')\n"
+
+
+@pytest.fixture
+def private_hooks(tmp_path, agentfense_bin):
+    """The shipped hooks with `--agentfense-config` (as hooks/README.md says to pass settings)
+    naming a private state directory, so that `gc` here sees only this test's containers.
+    Returns (hooks dir, the runtime's command prefix for that configuration, state dir)."""
+    if RUNC is None:
+        pytest.fail("runc is not installed")
+    state = tmp_path / "state"
+    cfg = tmp_path / "agentfense.json"
+    cfg.write_text(json.dumps({"state_dir": str(state)}))
+    d = tmp_path / "hooks.d"
+    d.mkdir()
+    for f in sorted(SHIPPED.glob("*.json")):
+        hook = json.loads(f.read_text())
+        args = hook["hook"]["args"]
+        assert args[1] == "hook", args
+        hook["hook"]["path"] = str(agentfense_bin)
+        hook["hook"]["args"] = [args[0], "--agentfense-config", str(cfg), *args[1:]]
+        (d / f.name).write_text(json.dumps(hook))
+    return d, [str(agentfense_bin), "--agentfense-config", str(cfg)], state
+
+
+def daemon_pids(state, cid):
+    rec = json.loads((state / "containers" / cid / "fence.json").read_text())
+    return [w["daemon"]["pid"] for w in rec["workspaces"] if w.get("daemon")]
+
+
+def kill_daemons(state, cid):
+    pids = daemon_pids(state, cid)
+    assert pids
+    for pid in pids:
+        os.kill(pid, 9)
+    wait_for(lambda: fence_of(cid)[1] == [], "the fence daemons to die")
+
+
+def test_gc_collects_a_hook_fence_podman_never_created(podman_engine, private_hooks, tmp_path):
+    """A precreate hook after ours fails: podman refuses the container (and `--rm` forgets
+    it), the runtime never creates it, no poststop runs, and our fence stays up with its
+    record live. gc keeps it while its daemon runs; once the daemon is dead it tears the dead
+    mount down and removes the state."""
+    hooks, af, state = private_hooks
+    (hooks / "zzz-fail.json").write_text(json.dumps({
+        "version": "1.0.0", "hook": {"path": shutil.which("false"), "args": ["false"]},
+        "when": {"always": True}, "stages": ["precreate"]}))
+    repo = make_repo(tmp_path / "repo")
+    name = unique("hook")
+    p = sh(podman(hooks, *run_args("--rm", "--name", name, *FENCE, "-v", f"{repo}:/w", IMAGE,
+                                   "true")))
+    assert p.returncode != 0 and "precreate hook" in p.stderr, (p.returncode, p.stderr)
+    assert sh(podman(hooks, "container", "exists", name)).returncode == 1
+    [cid] = os.listdir(state / "containers")
+    rec = json.loads((state / "containers" / cid / "fence.json").read_text())
+    assert rec["runtime_root"] == "hook:podman" and rec["live"] is True, rec
+    mounts, daemons = fence_of(cid)
+    assert len(mounts) == 1 and len(daemons) == 1, (mounts, daemons)
+
+    pid = daemon_pids(state, cid)[0]
+    out = sh([*af, "gc", "-v"], check=True).stdout
+    assert out == f"kept {cid}: its fence is live (daemon {pid})\n", out
+
+    kill_daemons(state, cid)
+    assert len(fence_of(cid)[0]) == 1, "the dead fence's mount should still be there"
+    out = sh([*af, "gc", "--dry-run", "-v"], check=True).stdout
+    assert out == f"would remove {cid}\n", out
+    assert (state / "containers" / cid).exists()
+    out = sh([*af, "gc", "-v"], check=True).stdout
+    assert out == f"removed {cid}\n", out
+    assert fence_of(cid) == ([], [])
+    assert os.listdir(state / "containers") == []
+    assert (repo / ".env").read_text() == "SECRET=1\n"
+
+
+def test_gc_keeps_a_hook_fence_while_podman_has_the_container(podman_engine, private_hooks,
+                                                              tmp_path):
+    """The fence daemon of a running hook-fenced container dies (the workspace fails closed):
+    its record is still live, and podman still has the container, so gc keeps its state (the
+    delta is the container's, for its next start). Once podman removes it (poststop), gc
+    removes the state."""
+    hooks, af, state = private_hooks
+    repo = make_repo(tmp_path / "repo")
+    name = unique("hook")
+    try:
+        sh(podman(hooks, *run_args("-d", "--name", name, *FENCE, "-v", f"{repo}:/w", IMAGE,
+                                   "sh", "-c", "echo kept > /w/output/o.txt; sleep 1000")),
+           check=True)
+        cid = container_id(hooks, name)
+        wait_for(lambda: (state / "containers" / cid / "fence.json").exists(), "the fence")
+        kill_daemons(state, cid)
+        p = sh(podman(hooks, "exec", name, "ls", "/w"))
+        assert p.returncode != 0, p.stdout  # fails closed
+        out = sh([*af, "gc", "-v"], check=True).stdout
+        assert out.startswith(f"kept {cid}: an engine still has it (") or \
+            out == f"kept {cid}: podman still has it\n", out
+        assert (state / "containers" / cid / "upper").exists()
+    finally:
+        sh(podman(hooks, "rm", "-f", "-t", "0", name))
+    wait_for(lambda: json.loads((state / "containers" / cid / "fence.json").read_text())["live"]
+             is False, "poststop to close the record")
+    assert fence_of(cid) == ([], [])
+    out = sh([*af, "gc", "-v"], check=True).stdout
+    assert out == f"removed {cid}\n", out
+    assert os.listdir(state / "containers") == []
+    assert not (repo / "output" / "o.txt").exists()

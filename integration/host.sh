@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Prepares this Debian host for the end-to-end tests and the demo, as root:
-#   host.sh install   Debian packages, the Python test runner and cargo-fuzz
+#   host.sh install   Debian packages, the Python test runner (and the CRI client) and cargo-fuzz
 #   host.sh start     dockerd (which starts its own containerd) unless one already answers
 #   host.sh stop      stops what `start` started, nothing else
 # Idempotent: safe to run again on a host that is already set up.
 set -euo pipefail
 
 STATE=/run/agentfense-test-host
+CRI_API_VERSION=2.0.1
 PKGS=(docker.io containerd runc podman fuse3 libseccomp-dev pkg-config busybox-static
       bindfs fuse-overlayfs jq rsync iptables uidmap slirp4netns conmon gcc libc6-dev
       g++)  # g++: libfuzzer-sys builds libFuzzer from C++ (make fuzz-ci)
@@ -28,6 +29,11 @@ install() {
     fi
     if ! python3 -c 'import pytest' 2>/dev/null; then
         python3 -m pip install -q pytest
+    fi
+    # test_cri.py: a CRI client (the Kubernetes CRI API's generated gRPC stubs, with grpcio and
+    # protobuf) and PyYAML for config-examples/runtimeclass.yaml.
+    if ! python3 -c 'import cri_api.v1.api_pb2_grpc, yaml' 2>/dev/null; then
+        python3 -m pip install -q "container-runtime-interface-api==$CRI_API_VERSION" pyyaml
     fi
     install_cargo_fuzz
 }

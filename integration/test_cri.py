@@ -120,6 +120,10 @@ def containerd_config(tmp):
   [plugins."{CRI_PLUGIN}".cni]
     conf_dir = {json.dumps(str(tmp / "cni" / "net.d"))}
     bin_dir = {json.dumps(str(tmp / "cni" / "bin"))}
+
+# Added by integration/test_cri.py: nothing of this containerd outside the test's directory.
+[plugins."io.containerd.internal.v1.opt"]
+  path = {json.dumps(str(tmp / "opt"))}
 """
     cfg = tomllib.loads(text)  # the whole file must still be one valid TOML document
     name, handler = example_handler()
@@ -247,10 +251,15 @@ class Containerd:
         self.channel = self.grpc.insecure_channel(f"unix://{self.sock}")
         self.rt = stubs.RuntimeServiceStub(self.channel)
         self.images = stubs.ImageServiceStub(self.channel)
-        wait_for(lambda: self.proc.poll() is not None or self._answers(),
-                 "containerd's CRI to answer", timeout=60)
-        if self.proc.poll() is not None:
-            pytest.fail(f"containerd exited {self.proc.returncode}:\n{self.logs()}")
+        try:
+            wait_for(lambda: self.proc.poll() is not None or self._answers(),
+                     "containerd's CRI to answer", timeout=60)
+            if self.proc.poll() is not None:
+                pytest.fail(f"containerd exited {self.proc.returncode}:\n{self.logs()}")
+        except BaseException:
+            print(f"containerd's log:\n{self.logs()}")
+            self.stop()
+            raise
 
     def _answers(self):
         if not self.sock.exists():
@@ -258,7 +267,11 @@ class Containerd:
         try:
             self.rt.Version(self.api.VersionRequest(), timeout=5)
             return True
-        except self.grpc.RpcError:
+        except self.grpc.RpcError as e:
+            if e.code() == self.grpc.StatusCode.UNIMPLEMENTED:
+                # containerd serves once every plugin is loaded: CRI's failed to.
+                why = [l for l in self.logs(tail=10**6).splitlines() if f"plugin {CRI_PLUGIN}" in l]
+                pytest.fail(f"containerd's CRI plugin did not load: {why}")
             return False
 
     def logs(self, tail=60):
@@ -303,7 +316,7 @@ class Containerd:
                     self.proc.wait()
             self.log.close()
         # Shims outlive containerd only while their containers run; all pods were removed.
-        shims = pids_with(f"-address {self.sock} ")
+        shims = pids_with(f" -address {self.sock} ")
         assert not shims, f"containerd's shims still run: {shims}"
         left = mounts_under(self.tmp)
         for m in reversed(left):

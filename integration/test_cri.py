@@ -25,6 +25,7 @@ import signal
 import subprocess
 import tarfile
 import tempfile
+import time
 import tomllib
 from pathlib import Path
 
@@ -371,8 +372,9 @@ def snapshot(root):
 
 class Pod:
     """The example pod, run through CRI: RunPodSandbox (host network: no CNI), then its one
-    container, CreateContainer + StartContainer, with the command replaced by a sleep (the
-    example's own command is run with ExecSync) and hostPath volumes pointed at `host_dir`."""
+    container, CreateContainer + StartContainer, with the command replaced by one that waits
+    for SIGTERM (the example's own command is run with ExecSync) and hostPath volumes pointed
+    at `host_dir`. `remove` does what kubelet does when the pod is deleted."""
 
     def __init__(self, cd, host_dir, annotations=None):
         self.cd, api = cd, cd.api
@@ -382,6 +384,9 @@ class Pod:
         if annotations is not None:
             self.annotations = annotations
         name = unique("pod")
+        # kubelet's for a hostNetwork pod: the node's network, the pod's IPC, a PID namespace
+        # per container (no shareProcessNamespace).
+        namespaces = api.NamespaceOption(network=api.NODE, ipc=api.POD, pid=api.CONTAINER)
         logs = cd.tmp / "logs" / name
         logs.mkdir(parents=True)
         self.sandbox_config = api.PodSandboxConfig(
@@ -390,7 +395,7 @@ class Pod:
             log_directory=str(logs),
             annotations=self.annotations,
             linux=api.LinuxPodSandboxConfig(security_context=api.LinuxSandboxSecurityContext(
-                namespace_options=api.NamespaceOption(network=api.NODE))),
+                namespace_options=namespaces)),
         )
         self.sandbox_id = cd.call("RunPodSandbox", api.RunPodSandboxRequest(
             config=self.sandbox_config, runtime_handler=self.handler)).pod_sandbox_id
@@ -410,10 +415,12 @@ class Pod:
             config=api.ContainerConfig(
                 metadata=api.ContainerMetadata(name=c["name"]),
                 image=api.ImageSpec(image=IMAGE),
-                command=["sleep", "86400"],
+                # Runs until kubelet's SIGTERM (StopContainer), then exits 0.
+                command=["sh", "-c", "trap 'kill $!; exit 0' TERM; sleep 86400 & wait"],
                 mounts=mounts,
                 log_path=f"{c['name']}.log",
-                linux=api.LinuxContainerConfig(),
+                linux=api.LinuxContainerConfig(security_context=api.LinuxContainerSecurityContext(
+                    namespace_options=namespaces)),
             ),
             sandbox_config=self.sandbox_config,
         )).container_id
@@ -422,9 +429,21 @@ class Pod:
     def exec(self, *cmd):
         return self.cd.exec_sync(self.container_id, list(cmd))
 
+    def stop_container(self, grace=10):
+        api = self.cd.api
+        self.cd.call("StopContainer", api.StopContainerRequest(container_id=self.container_id,
+                                                                timeout=grace))
+
+    def container_status(self):
+        api = self.cd.api
+        return self.cd.call("ContainerStatus", api.ContainerStatusRequest(
+            container_id=self.container_id)).status
+
     def remove(self):
         if not self.removed:
             api = self.cd.api
+            self.stop_container()
+            self.cd.call("RemoveContainer", api.RemoveContainerRequest(container_id=self.container_id))
             self.cd.call("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=self.sandbox_id))
             self.cd.call("RemovePodSandbox", api.RemovePodSandboxRequest(pod_sandbox_id=self.sandbox_id))
             self.removed = True
@@ -524,7 +543,18 @@ def test_the_app_container_is_fenced_and_its_sandbox_is_not(pod):
 
 def test_stop_and_remove_leave_no_fence(pod):
     cid, sid = pod.container_id, pod.sandbox_id
+    api = pod.cd.api
+    assert pod.container_status().state == api.CONTAINER_RUNNING
     assert pod.exec("sh", "-c", f"echo done > {pod.workspace}/output/done.txt")[0] == 0
+    # kubelet deleting the pod: StopContainer (SIGTERM, then SIGKILL after the grace period),
+    # RemoveContainer, StopPodSandbox, RemovePodSandbox. The fence goes with the container's
+    # task, which containerd deletes as soon as it exits.
+    start = time.monotonic()
+    pod.stop_container(grace=30)
+    assert time.monotonic() - start < 10, "the container did not stop on SIGTERM"
+    st = pod.container_status()
+    assert (st.state, st.exit_code) == (api.CONTAINER_EXITED, 0), st
+    assert not fence_mounts(cid) and not fence_daemons(cid)
     pod.remove()
     assert not fence_mounts(cid), fence_mounts(cid)
     assert not fence_daemons(cid), fence_daemons(cid)

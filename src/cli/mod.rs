@@ -12,6 +12,7 @@ use crate::logging::{LogFormat, Logger};
 pub mod audit;
 pub mod configure;
 pub mod delta;
+pub mod docs;
 pub mod executor;
 pub mod hook;
 pub mod policy;
@@ -101,6 +102,10 @@ pub enum Command {
     Configure(configure::ConfigureArgs),
     /// OCI hook entry point (podman, CRI-O): fences a container run by another runtime.
     Hook(hook::HookArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(docs::CompletionsArgs),
+    /// Print the manual page (roff) on stdout, or write every page into a directory.
+    Man(docs::ManArgs),
     /// Validate, explain and describe policies.
     Policy {
         #[command(subcommand)]
@@ -151,6 +156,20 @@ where
         let _ = Opts::command().print_help();
         return 0;
     };
+    let docs = match &cmd {
+        Command::Completions(args) => Some(docs::completions(args)),
+        Command::Man(args) => Some(docs::man(args)),
+        _ => None,
+    };
+    if let Some(result) = docs {
+        return match result {
+            Ok(code) => code,
+            Err(e) => {
+                logger.fatal(&format!("{e:#}"));
+                1
+            }
+        };
+    }
     if matches!(
         cmd,
         Command::Policy { .. }

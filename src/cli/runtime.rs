@@ -88,6 +88,8 @@ pub fn dispatch(cmd: Command, global: &GlobalOpts, agentfense: &AgentfenseOpts) 
         | Command::Commit(_)
         | Command::Gc(_)
         | Command::Configure(_)
+        | Command::Completions(_)
+        | Command::Man(_)
         | Command::Hook(_) => {
             bail!("not a runtime command")
         }

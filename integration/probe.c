@@ -21,6 +21,7 @@
 #include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 #include <linux/fs.h>
@@ -113,6 +114,54 @@ static int run(const char *op, const char *path, const char *arg) {
         return e;
     }
     if (!strcmp(op, "access_r")) return R(access(path, R_OK));
+    if (!strcmp(op, "access_x")) return R(access(path, X_OK));
+    if (!strcmp(op, "eaccess_w")) return R(faccessat(AT_FDCWD, path, W_OK, AT_EACCESS));
+    if (!strcmp(op, "chown")) {
+        /* ARG: UID:GID, -1 for "unchanged" */
+        int u = -1, g = -1;
+        sscanf(arg, "%d:%d", &u, &g);
+        return R(lchown(path, (uid_t)u, (gid_t)g));
+    }
+    if (!strcmp(op, "chmod_arg")) return R(chmod(path, (mode_t)strtol(arg, NULL, 8)));
+    if (!strcmp(op, "mode")) {
+        /* "ok" when PATH's permission bits are ARG (octal), else EINVAL */
+        struct stat st;
+        if (lstat(path, &st) < 0) return errno;
+        return (st.st_mode & 07777) == (mode_t)strtol(arg, NULL, 8) ? 0 : EINVAL;
+    }
+    if (!strcmp(op, "utime_now")) return R(utimensat(AT_FDCWD, path, NULL, 0));
+    if (!strcmp(op, "utime_set")) {
+        struct timespec t[2] = {{1000000000, 0}, {1000000000, 0}};
+        return R(utimensat(AT_FDCWD, path, t, 0));
+    }
+    if (!strcmp(op, "opendir")) {
+        DIR *d = opendir(path);
+        if (!d) return errno;
+        closedir(d);
+        return 0;
+    }
+    if (!strcmp(op, "chdir")) {
+        char cwd[4096];
+        if (!getcwd(cwd, sizeof cwd)) return errno;
+        int e = R(chdir(path));
+        if (!e && chdir(cwd) < 0) return errno;
+        return e;
+    }
+    if (!strcmp(op, "exec")) {
+        /* runs PATH (a copy of this probe: it exits 2 with no arguments); the child reports
+           a failed execve as exit status 100 + errno */
+        pid_t pid = fork();
+        if (pid < 0) return errno;
+        if (pid == 0) {
+            char *argv[] = {(char *)path, NULL};
+            execv(path, argv);
+            _exit(100 + errno);
+        }
+        int status;
+        if (waitpid(pid, &status, 0) < 0) return errno;
+        if (WIFEXITED(status) && WEXITSTATUS(status) >= 100) return WEXITSTATUS(status) - 100;
+        return 0;
+    }
     if (!strcmp(op, "access_w")) return R(access(path, W_OK));
     if (!strcmp(op, "listed")) {
         /* is ARG listed in directory PATH? ENOENT when not */

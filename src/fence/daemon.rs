@@ -115,7 +115,8 @@ pub fn run(config_path: &Path) -> Result<()> {
     let mut options = vec![
         fuser::MountOption::FSName(format!("agentfense:{}", cfg.container_id)),
         fuser::MountOption::Subtype("agentfense".into()),
-        fuser::MountOption::DefaultPermissions,
+        // No `default_permissions`: the daemon decides Unix permissions itself (fence/perm.rs),
+        // so that root's access(2) agrees with the policy too.
         fuser::MountOption::NoSuid,
         fuser::MountOption::NoDev,
     ];

@@ -21,17 +21,19 @@
 pub mod daemon;
 pub mod layers;
 pub mod nodes;
+pub mod perm;
 pub mod watch;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, Errno as FErrno, FileAttr, FileHandle, FileType as FType, Filesystem, FopenFlags,
@@ -46,6 +48,7 @@ use crate::policy::{Level, Policy};
 use crate::sys::fs::{self as sfs, Errno, FileType, Mode, OFlags};
 use layers::{is_private_xattr, rel, Found, Layer, Layers};
 use nodes::{child_path, parent_path, Node, Nodes, ROOT};
+use perm::{Caller, Owner, R, W, X};
 
 /// How long the kernel may cache entries and attributes. Host changes to the base show
 /// through within this time (SPEC §5: about a second).
@@ -83,7 +86,17 @@ pub struct Fence {
     /// Tells the kernel to drop cached attributes (only attributes: that takes no lock a
     /// request in progress may hold, so it is safe from within a request).
     inval: std::sync::Arc<Mutex<Option<fuser::Notifier>>>,
+    /// Owner, group and mode of directories recently checked for search permission (at most
+    /// `TTL` old), by path.
+    dirs: Mutex<HashMap<String, (Owner, Instant)>>,
 }
+
+/// At most this many directories' owners are remembered for permission checks.
+const DIR_CACHE: usize = 16384;
+
+/// The open(2) flag the kernel adds when it opens a program to run it (`__FMODE_EXEC`):
+/// such an open needs execute permission, not read.
+const FMODE_EXEC: i32 = 0x20;
 
 enum Handle {
     /// An open file; with passthrough, the backing file registration it keeps alive (the
@@ -112,8 +125,19 @@ thread_local! {
     static WHO: Cell<(u32, u32)> = const { Cell::new((0, 0)) };
 }
 
+thread_local! {
+    /// The process this FUSE worker thread is serving, for permission checks.
+    static CALLER: RefCell<Rc<Caller>> = RefCell::new(Rc::new(Caller::new(u32::MAX, u32::MAX, 0)));
+}
+
 fn set_who(req: &Request) {
     WHO.with(|w| w.set((req.pid(), req.uid())));
+    CALLER.with(|c| *c.borrow_mut() = Rc::new(Caller::new(req.uid(), req.gid(), req.pid())));
+}
+
+/// The caller of the request being served (set by `set_who`).
+fn who() -> Rc<Caller> {
+    CALLER.with(|c| c.borrow().clone())
 }
 
 fn errno_name(e: Errno) -> &'static str {
@@ -220,6 +244,7 @@ impl Fence {
             open_files: Mutex::new(HashMap::new()),
             multi_linked: Mutex::new(std::collections::HashSet::new()),
             inval: std::sync::Arc::new(Mutex::new(None)),
+            dirs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -422,6 +447,32 @@ impl Fence {
         }
     }
 
+    /// Drops the kernel's cached name `path` soon, from another thread (the kernel takes the
+    /// directory's lock for it, which the request being served may hold). The next path walk
+    /// then looks the name up again, and the reply carries fresh attributes.
+    fn invalidate_entry_soon(&self, path: &str) {
+        let Some(n) = self.inval.lock().ok().and_then(|g| g.clone()) else {
+            return;
+        };
+        let Some(parent) = self
+            .nodes
+            .lock()
+            .ok()
+            .and_then(|nodes| nodes.ino_of(parent_path(path)))
+        else {
+            return;
+        };
+        let Some((_, name)) = path.rsplit_once('/') else {
+            return;
+        };
+        let name = std::ffi::OsString::from(name);
+        let _ = std::thread::Builder::new()
+            .name("inval".into())
+            .spawn(move || {
+                let _ = n.inval_entry(INodeNo(parent), &name);
+            });
+    }
+
     /// The open file of an inode whose path is gone (unlinked or renamed over while open).
     fn open_fd_of(&self, ino: u64, fh: Option<FileHandle>) -> Option<std::sync::Arc<Handle>> {
         let fh = fh
@@ -487,6 +538,99 @@ impl Fence {
         }
     }
 
+    /// Owner, group and mode of directory `path`, as seen at most `TTL` ago.
+    fn dir_owner(&self, path: &str) -> Res<Owner> {
+        if path.starts_with('\0') {
+            return Err(Errno::STALE);
+        }
+        if let Some((o, t)) = self.dirs.lock().ok().and_then(|d| d.get(path).copied()) {
+            if t.elapsed() < TTL {
+                return Ok(o);
+            }
+        }
+        let node = self
+            .nodes
+            .lock()
+            .ok()
+            .and_then(|n| n.ino_of(path).and_then(|i| n.get(i).cloned()));
+        let f = match node {
+            Some(n) => self.found(&n)?,
+            None => return Err(Errno::STALE),
+        };
+        let o = Owner::of(&f.st);
+        if let Ok(mut d) = self.dirs.lock() {
+            if d.len() >= DIR_CACHE {
+                d.clear();
+            }
+            d.insert(path.to_string(), (o, Instant::now()));
+        }
+        Ok(o)
+    }
+
+    /// Forgets the remembered owners of directories (after a directory moved or went away,
+    /// or its owner or mode changed).
+    fn forget_dir_owners(&self) {
+        if let Ok(mut d) = self.dirs.lock() {
+            d.clear();
+        }
+    }
+
+    /// Unix search permission on directory `dir` and on every directory above it in the
+    /// workspace. The kernel does not check it without `default_permissions`; it asks the
+    /// daemon only for names it has not cached, so every operation on a path checks it here.
+    fn search(&self, c: &Caller, dir: &str) -> Res<()> {
+        let mut p = dir;
+        loop {
+            if !c.may(&self.dir_owner(p)?, X) {
+                return Err(Errno::ACCESS);
+            }
+            if p == "/" {
+                return Ok(());
+            }
+            p = parent_path(p);
+        }
+    }
+
+    /// Search permission on the directories leading to `path`.
+    fn reach(&self, c: &Caller, path: &str) -> Res<()> {
+        if path == "/" {
+            Ok(())
+        } else {
+            self.search(c, parent_path(path))
+        }
+    }
+
+    /// Unix permission `mask` (R, W, X) on an entry (`EACCES` if not).
+    fn unix(&self, c: &Caller, f: &Found, mask: u32) -> Res<()> {
+        if c.may(&Owner::of(&f.st), mask) {
+            Ok(())
+        } else {
+            Err(Errno::ACCESS)
+        }
+    }
+
+    /// Permission to change the entries of directory `dir`: search on the way to it, and
+    /// write and search on it.
+    fn may_change_dir(&self, c: &Caller, dir: &Node) -> Res<()> {
+        self.search(c, &dir.path)?;
+        if c.may(&self.dir_owner(&dir.path)?, W | X) {
+            Ok(())
+        } else {
+            Err(Errno::ACCESS)
+        }
+    }
+
+    /// Permission to remove (or rename away, or replace) entry `f` of directory `dir`: as
+    /// `may_change_dir`, and the sticky-directory rule.
+    fn may_delete(&self, c: &Caller, dir: &Node, f: &Found) -> Res<()> {
+        self.may_change_dir(c, dir)?;
+        if perm::may_delete_in(c, &self.dir_owner(&dir.path)?, &Owner::of(&f.st)) {
+            Ok(())
+        } else {
+            Err(Errno::PERM)
+        }
+    }
+
     fn ns_write(&self) -> Res<std::sync::RwLockWriteGuard<'_, ()>> {
         self.ns.write().map_err(|_| Errno::IO)
     }
@@ -513,6 +657,7 @@ impl Fence {
         if existing.is_some() {
             return Err(Errno::EXIST);
         }
+        self.may_change_dir(&who(), parent)?;
         let r = rel(&path);
         self.layers.prepare_parent(r)?;
         let had_whiteout = self.layers.clear_whiteout(r)?;
@@ -542,15 +687,25 @@ impl Fence {
             .filter(|st| st.st_mode & libc::S_ISGID != 0);
         let gid = sgid.map(|st| st.st_gid).unwrap_or(req.gid());
         sfs::lchown(self.layers.upper(), r, Some(req.uid()), Some(gid))?;
-        if sgid.is_some() {
-            if let Some(st) = sfs::lstat(self.layers.upper(), r)? {
-                if sfs::file_type(&st) == FileType::Directory {
-                    sfs::chmod(
-                        self.layers.upper(),
-                        r,
-                        (st.st_mode & 0o7777) | libc::S_ISGID,
-                    )?;
+        if let (Some(dir), Some(st)) = (sgid, sfs::lstat(self.layers.upper(), r)?) {
+            let mode = st.st_mode & 0o7777;
+            match sfs::file_type(&st) {
+                FileType::Directory => {
+                    sfs::chmod(self.layers.upper(), r, mode | libc::S_ISGID)?;
                 }
+                // Linux's mode_strip_sgid: a set-group-ID executable made in a set-group-ID
+                // directory by someone outside the directory's group loses the bit.
+                FileType::RegularFile
+                    if mode & (libc::S_ISGID | libc::S_IXGRP)
+                        == (libc::S_ISGID | libc::S_IXGRP) =>
+                {
+                    let c = who();
+                    let o = Owner::of(dir);
+                    if !c.in_group(dir.st_gid) && !c.capable_wrt(perm::CAP_FSETID, &o) {
+                        sfs::chmod(self.layers.upper(), r, mode & !libc::S_ISGID)?;
+                    }
+                }
+                _ => {}
             }
         }
         let f = self
@@ -595,6 +750,9 @@ impl Fence {
         let _g = self.ns_read()?;
         let parent = self.node(parent)?;
         let name = valid_name(name)?;
+        // Unix search permission first: a directory one may not search tells nothing of its
+        // entries, hidden or not.
+        self.search(&who(), &parent.path)?;
         let (path, found) = self.child(&parent, name)?;
         let Some(f) = found else {
             return Err(self.missing(Op::Lookup, &path, true));
@@ -647,6 +805,21 @@ impl Fence {
             Err(e) => return Err(e),
         };
         self.need_write(Op::Setattr, &node.path, f.is_dir())?;
+        let c = who();
+        self.reach(&c, &node.path)?;
+        let change = perm::Change {
+            mode,
+            uid,
+            gid,
+            truncate: size.is_some() && fh.is_none(),
+            times_given: [atime, mtime]
+                .iter()
+                .any(|t| matches!(t, Some(TimeOrNow::SpecificTime(_)))),
+            times_now: [atime, mtime]
+                .iter()
+                .any(|t| matches!(t, Some(TimeOrNow::Now))),
+        };
+        let mode = perm::setattr_allowed(&c, &Owner::of(&f.st), &change)?;
         let r = rel(&node.path);
         self.layers.copy_up(r)?;
         self.allowed(Op::Setattr, &node.path, f.is_dir(), None);
@@ -658,6 +831,9 @@ impl Fence {
             if f.kind() != FileType::Symlink {
                 sfs::chmod(up, r, m & 0o7777)?;
             }
+        }
+        if f.is_dir() && (mode.is_some() || uid.is_some() || gid.is_some()) {
+            self.forget_dir_owners();
         }
         if let Some(len) = size {
             let via_fh = fh.map(|fh| self.with_file(fh, |fd| rustix::fs::ftruncate(fd, len)));
@@ -712,6 +888,19 @@ impl Fence {
         if acc == OFlags::RDONLY {
             return Err(Errno::ACCESS);
         }
+        let times = [atime, mtime];
+        let change = perm::Change {
+            mode,
+            uid,
+            gid,
+            truncate: false,
+            times_given: times
+                .iter()
+                .any(|t| matches!(t, Some(TimeOrNow::SpecificTime(_)))),
+            times_now: times.iter().any(|t| matches!(t, Some(TimeOrNow::Now))),
+        };
+        let st = rustix::fs::fstat(fd)?;
+        let mode = perm::setattr_allowed(&who(), &Owner::of(&st), &change)?;
         if uid.is_some() || gid.is_some() {
             rustix::fs::fchown(
                 fd,
@@ -746,6 +935,7 @@ impl Fence {
         if level < Level::Read {
             return Err(self.refused(Op::Readlink, &node.path, false, refuse(level)));
         }
+        self.reach(&who(), &node.path)?;
         if f.kind() != FileType::Symlink {
             // The host replaced the link since the kernel looked it up: ESTALE makes the
             // kernel look the path up again.
@@ -818,6 +1008,7 @@ impl Fence {
             return Err(self.missing(op, &path, dir));
         };
         self.need_write(op, &path, f.is_dir())?;
+        self.may_delete(&who(), &parent, &f)?;
         match (dir, f.is_dir()) {
             (true, false) => return Err(Errno::NOTDIR),
             (false, true) => return Err(Errno::ISDIR),
@@ -836,6 +1027,9 @@ impl Fence {
             _ => {}
         }
         self.layers.remove(rel(&path), &f)?;
+        if f.is_dir() {
+            self.forget_dir_owners();
+        }
         self.allowed(op, &path, f.is_dir(), None);
         if let Ok(mut nodes) = self.nodes.lock() {
             nodes.removed(&path);
@@ -868,6 +1062,16 @@ impl Fence {
             if hidden_there {
                 return Err(self.refused(Op::Rename, &to, src.is_dir(), Errno::ACCESS));
             }
+        }
+        let c = who();
+        self.may_delete(&c, &p1, &src)?;
+        match &dst {
+            Some(d) => self.may_delete(&c, &p2, d)?,
+            None => self.may_change_dir(&c, &p2)?,
+        }
+        // A directory moving elsewhere has its `..` entry rewritten.
+        if src.is_dir() && p2.path != p1.path {
+            self.unix(&c, &src, W)?;
         }
         if from == to {
             return Ok(());
@@ -948,6 +1152,9 @@ impl Fence {
             sfs::rename(self.layers.upper(), rf, rt, fl)?;
         }
         self.allowed(Op::Rename, &from, src.is_dir(), Some(&to));
+        if src.is_dir() || dst.as_ref().is_some_and(|d| d.is_dir()) {
+            self.forget_dir_owners();
+        }
         if let Ok(mut nodes) = self.nodes.lock() {
             nodes.renamed(&from, &to);
         }
@@ -1009,6 +1216,7 @@ impl Fence {
                 self.layers.set_opaque(rel(landed))?;
             }
         }
+        self.forget_dir_owners();
         if let Ok(mut nodes) = self.nodes.lock() {
             nodes.exchanged(from, to);
         }
@@ -1034,6 +1242,11 @@ impl Fence {
             return Err(Errno::PERM);
         }
         self.need_write(Op::Link, &node.path, false)?;
+        let c = who();
+        self.reach(&c, &node.path)?;
+        if !perm::may_link(&c, &Owner::of(&src.st)) {
+            return Err(Errno::PERM);
+        }
         let parent = self.node(newparent)?;
         let (path, _) = self.prepare_create(Op::Link, &parent, newname, false)?;
         self.layers.copy_up(rel(&node.path))?;
@@ -1044,6 +1257,9 @@ impl Fence {
             m.insert(ino.0);
         }
         self.invalidate_attrs(ino.0);
+        // Its name, too: the kernel may keep it for minutes, and would not ask for the
+        // attributes again before an open or a write (only stat does).
+        self.invalidate_entry_soon(&node.path);
         self.allowed(Op::Link, &node.path, false, Some(&path));
         let f = self
             .layers
@@ -1087,6 +1303,18 @@ impl Fence {
             // FIFOs and sockets are served by the kernel; device nodes never.
             return Err(Errno::ACCESS);
         }
+        let c = who();
+        self.reach(&c, &node.path)?;
+        let mut mask = match flags.acc_mode() {
+            OpenAccMode::O_RDONLY if flags.0 & FMODE_EXEC != 0 => X,
+            OpenAccMode::O_RDONLY => R,
+            OpenAccMode::O_WRONLY => W,
+            _ => R | W,
+        };
+        if flags.0 & libc::O_TRUNC != 0 {
+            mask |= W;
+        }
+        self.unix(&c, &f, mask)?;
         let r = rel(&node.path);
         let mut layer = f.layer;
         if writing {
@@ -1193,6 +1421,9 @@ impl Fence {
         if !self.policy.decide(&node.path, true).visible() {
             return Err(self.refused(Op::Opendir, &node.path, true, Errno::NOENT));
         }
+        let c = who();
+        self.reach(&c, &node.path)?;
+        self.unix(&c, &f, R)?;
         self.allowed(Op::Opendir, &node.path, true, None);
         self.watch_dir(&node);
         // The listing is taken once, at open: offsets are positions in it, so they count only
@@ -1223,12 +1454,27 @@ impl Fence {
         self.new_fh(Handle::Dir(entries))
     }
 
-    fn xattr_target(&self, op: Op, ino: INodeNo, need: Level) -> Res<(Node, Found)> {
+    /// The node and entry whose attribute `name` is read (`mask` R) or changed (W), if the
+    /// policy gives `need` there and Unix permissions agree (`user.*` attributes need read or
+    /// write permission; the kernel checks the other namespaces itself).
+    fn xattr_target(
+        &self,
+        op: Op,
+        ino: INodeNo,
+        need: Level,
+        name: Option<&OsStr>,
+        mask: u32,
+    ) -> Res<(Node, Found)> {
         let node = self.node(ino)?;
         let f = self.found(&node)?;
         let level = self.level(&node.path, f.is_dir());
         if level < need {
             return Err(self.refused(op, &node.path, f.is_dir(), refuse(level)));
+        }
+        let c = who();
+        self.reach(&c, &node.path)?;
+        if name.is_some_and(|n| n.as_bytes().starts_with(b"user.")) {
+            self.unix(&c, &f, mask)?;
         }
         Ok((node, f))
     }
@@ -1710,7 +1956,7 @@ impl Filesystem for Fence {
     ) {
         set_who(req);
         let r = (|| {
-            let (node, f) = self.xattr_target(Op::Setxattr, ino, Level::Write)?;
+            let (node, f) = self.xattr_target(Op::Setxattr, ino, Level::Write, Some(name), W)?;
             if is_private_xattr(name) {
                 return Err(Errno::PERM);
             }
@@ -1736,7 +1982,7 @@ impl Filesystem for Fence {
             // that `ls -l` lists quietly; the value itself is not shown.
             let sec = name.as_bytes().starts_with(b"security.");
             let need = if acl || sec { Level::View } else { Level::Read };
-            let (node, f) = self.xattr_target(Op::Getxattr, ino, need)?;
+            let (node, f) = self.xattr_target(Op::Getxattr, ino, need, Some(name), R)?;
             if sec && self.level(&node.path, f.is_dir()) < Level::Read {
                 return Err(Errno::NODATA);
             }
@@ -1752,7 +1998,7 @@ impl Filesystem for Fence {
         set_who(req);
         let r = (|| {
             // Attribute names are metadata, like file names.
-            let (node, f) = self.xattr_target(Op::Listxattr, ino, Level::View)?;
+            let (node, f) = self.xattr_target(Op::Listxattr, ino, Level::View, None, 0)?;
             let names = sfs::list_xattr(self.layer_root(&f), rel(&node.path))?;
             let mut out = Vec::new();
             for n in names.iter().filter(|n| !is_private_xattr(n)) {
@@ -1767,7 +2013,7 @@ impl Filesystem for Fence {
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         set_who(req);
         let r = (|| {
-            let (node, f) = self.xattr_target(Op::Removexattr, ino, Level::Write)?;
+            let (node, f) = self.xattr_target(Op::Removexattr, ino, Level::Write, Some(name), W)?;
             if is_private_xattr(name) {
                 return Err(Errno::NODATA);
             }
@@ -1783,7 +2029,8 @@ impl Filesystem for Fence {
         }
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        set_who(req);
         let r = (|| {
             let node = self.node(ino)?;
             let f = self.found(&node)?;
@@ -1801,7 +2048,12 @@ impl Filesystem for Fence {
             if level < need {
                 return Err(Errno::ACCESS);
             }
-            Ok(())
+            // And what Unix permissions say, for this caller (root included: its
+            // `access(W_OK)` on a read-only path is refused above, whatever its capabilities).
+            let c = who();
+            self.reach(&c, &node.path)?;
+            let bits = (mask.bits() & 7) as u32;
+            self.unix(&c, &f, bits)
         })();
         match r {
             Ok(()) => reply.ok(),

@@ -150,9 +150,12 @@ impl Watch {
                 ReadFlags::CREATE | ReadFlags::DELETE | ReadFlags::MOVED_FROM | ReadFlags::MOVED_TO,
             );
             if let Some(p) = parent_ino {
+                // Errors only say the kernel had nothing cached. The name goes whatever
+                // changed: the next path walk then looks it up again and the reply carries
+                // the new size (reads through splice, as `cat` does, trust the cached size,
+                // and the fence has no `default_permissions` refreshing attributes at open).
+                let _ = notifier.inval_entry(fuser::INodeNo(p), &name);
                 if names_changed {
-                    // Errors only say the kernel had nothing cached.
-                    let _ = notifier.inval_entry(fuser::INodeNo(p), &name);
                     let _ = notifier.inval_inode(fuser::INodeNo(p), 0, 0);
                 }
             }

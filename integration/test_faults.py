@@ -176,13 +176,15 @@ def test_host_renames_and_deletes_under_a_busy_fence(tmp_path):
             for dirpath, _, files in os.walk(f.mnt):
                 for n in files:
                     p = Path(dirpath) / n
-                    if p.is_symlink():
-                        continue  # resolved by this (host) process's own kernel, not the fence
                     try:
+                        if p.is_symlink():
+                            continue  # resolved by this (host) process's own kernel
                         seen.append(p.read_text())
                     except OSError as e:
                         # A name swapped for a symlink to a host directory between the listing
                         # and the read is followed by this (host) process's kernel: EISDIR.
+                        # EIO (the kernel marking an inode bad because one inode number
+                        # came back with another file type) is an error.
                         if e.errno not in (errno.ENOENT, errno.ESTALE, errno.EISDIR):
                             errors.append((str(p), e))
 

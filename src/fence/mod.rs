@@ -315,9 +315,18 @@ impl Fence {
         if node.path.starts_with('\0') {
             return Err(Errno::STALE);
         }
-        self.layers
+        let f = self
+            .layers
             .find(rel(&node.path), node.parent_merge)?
-            .ok_or(Errno::NOENT)
+            .ok_or(Errno::NOENT)?;
+        if ftype(f.kind()) != node.kind {
+            // The host put another kind of entry at this path: it is another file, with
+            // another inode number once looked up. Attributes of a new type under the old
+            // number would make the kernel mark the inode bad (EIO for whoever holds it);
+            // ESTALE makes it look the path up again.
+            return Err(Errno::STALE);
+        }
+        Ok(f)
     }
 
     /// Looks up `name` in directory `parent`: the child's path and entry, if it exists for the

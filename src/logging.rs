@@ -109,6 +109,25 @@ impl MessageVisitor {
     }
 }
 
+/// The message of the last `error` line in `text` (runc's JSON or text format).
+pub fn last_error_in(text: &str) -> Option<String> {
+    text.lines().rev().find_map(|l| {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(l) {
+            return (v["level"] == "error")
+                .then(|| v["msg"].as_str().map(str::to_string))
+                .flatten();
+        }
+        if !l.contains(" level=error ") {
+            return None;
+        }
+        let quoted = l.split_once(" msg=")?.1;
+        serde_json::Deserializer::from_str(quoted)
+            .into_iter::<String>()
+            .next()?
+            .ok()
+    })
+}
+
 /// A `tracing` formatter that writes runc's line format.
 pub struct RuncFormat(pub LogFormat);
 
@@ -175,26 +194,49 @@ pub struct Logger {
     sink: Sink,
     format: LogFormat,
     to_file: bool,
+    /// Where the log file ended when this command opened it.
+    start: u64,
 }
 
 impl Logger {
+    /// The last error line written to the log file since this command opened it (by this
+    /// process or the container's init, which share the file).
+    fn last_error_logged(&self) -> Option<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let Sink::File(f) = &self.sink else {
+            return None;
+        };
+        let mut f = f.lock().ok()?;
+        let len = f.metadata().ok()?.len();
+        // The tail is enough: the cause is one of the last lines.
+        let from = self.start.max(len.saturating_sub(64 * 1024));
+        f.seek(SeekFrom::Start(from)).ok()?;
+        let mut text = String::new();
+        let file: &std::fs::File = &f;
+        file.take(len - from).read_to_string(&mut text).ok()?;
+        last_error_in(&text).filter(|m| !m.is_empty())
+    }
+
     /// Opens the log destination (`--log`, else stderr).
     pub fn open(path: Option<&Path>, format: LogFormat) -> Result<Self> {
-        let (sink, to_file) = match path {
+        let (sink, to_file, start) = match path {
             Some(p) if p != Path::new("/dev/stderr") => {
                 let f = OpenOptions::new()
                     .create(true)
                     .append(true)
+                    .read(true)
                     .open(p)
                     .with_context(|| format!("failed to open log file {}", p.display()))?;
-                (Sink::File(Arc::new(Mutex::new(f))), true)
+                let start = f.metadata().map(|m| m.len()).unwrap_or(0);
+                (Sink::File(Arc::new(Mutex::new(f))), true, start)
             }
-            _ => (Sink::Stderr, false),
+            _ => (Sink::Stderr, false, 0),
         };
         Ok(Logger {
             sink,
             format,
             to_file,
+            start,
         })
     }
 
@@ -222,7 +264,16 @@ impl Logger {
 
     /// Reports a command's failure as runc does: an `error` line in the log and, when the log
     /// is a file, the bare message on stderr too.
+    ///
+    /// containerd shows only the last error line of the log. When libcontainer logged the
+    /// cause on a line of its own before failing with a general error ("io error"), the cause
+    /// is added to the last line, so that Docker and Kubernetes users see it.
     pub fn fatal(&self, msg: &str) {
+        let msg = match self.last_error_logged() {
+            Some(cause) if !msg.contains(&cause) => format!("{msg}: {cause}"),
+            _ => msg.to_string(),
+        };
+        let msg = msg.as_str();
         let line = format_line(self.format, "error", msg, &now());
         let _ = SinkWriter(self.sink.clone()).write(format!("{line}\n").as_bytes());
         if self.to_file {
@@ -266,6 +317,39 @@ mod tests {
         let t = now();
         assert!(chrono::DateTime::parse_from_rfc3339(&t).is_ok(), "{t}");
         assert!(t.ends_with('Z'));
+    }
+
+    #[test]
+    fn fatal_carries_the_cause_logged_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.json");
+        std::fs::write(
+            &path,
+            format_line(LogFormat::Json, "error", "old failure", "T") + "\n",
+        )
+        .unwrap();
+        let logger = Logger::open(Some(&path), LogFormat::Json).unwrap();
+        // Nothing logged by this command yet: the old run's line is not a cause.
+        logger.fatal("first");
+        // The container's init logs the cause, then the runtime fails with a general error.
+        let cause = "failed to write to /proc/self/oom_score_adj: Permission denied";
+        let mut w = SinkWriter(logger.sink.clone());
+        w.write_all((format_line(LogFormat::Json, "error", cause, "T") + "\n").as_bytes())
+            .unwrap();
+        logger.fatal("failed to create container: io error");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            last["msg"],
+            format!("failed to create container: io error: {cause}")
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        let first: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(first["msg"], "first");
+        // Text format too.
+        let t = format_line(LogFormat::Text, "error", "a \"quoted\" cause", "T");
+        assert_eq!(last_error_in(&t).as_deref(), Some("a \"quoted\" cause"));
+        assert_eq!(last_error_in("level=info"), None);
     }
 
     #[test]

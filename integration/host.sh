@@ -10,7 +10,8 @@ STATE=/run/agentfense-test-host
 CRI_API_VERSION=2.0.1
 PKGS=(docker.io containerd runc podman fuse3 libseccomp-dev pkg-config busybox-static
       bindfs fuse-overlayfs jq rsync iptables uidmap slirp4netns conmon gcc libc6-dev
-      g++)  # g++: libfuzzer-sys builds libFuzzer from C++ (make fuzz-ci)
+      g++ zsh fish)  # g++: libfuzzer-sys builds libFuzzer from C++ (make fuzz-ci); zsh, fish:
+                     # the generated completions are checked by their own shells (test_docs)
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then echo "host.sh: must run as root" >&2; exit 1; fi

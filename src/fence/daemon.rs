@@ -132,6 +132,12 @@ pub fn run(config_path: &Path) -> Result<()> {
     config.clone_fd = true;
     let invalidation = fence.invalidation();
     let queue = fence.notifier_slot();
+    if !Path::new("/dev/fuse").exists() {
+        bail!(
+            "/dev/fuse is missing: load the FUSE module (modprobe fuse) or make /dev/fuse \
+             visible where the runtime runs"
+        );
+    }
     let session = fuser::Session::new(fence, &cfg.mountpoint, &config)
         .with_context(|| format!("failed to mount the fence at {}", cfg.mountpoint.display()))?;
     if let Ok(mut q) = queue.lock() {

@@ -799,6 +799,15 @@ def attempts_for(user, hostname, canary, full=True):
     return att, twins, inos
 
 
+def path_ino(path):
+    """The inode number the fence gives a visible path (src/fence/nodes.rs path_ino): FNV-1a
+    of the path, in [2^62, 2^63)."""
+    h = 0xcbf29ce484222325
+    for b in path.encode():
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return (h >> 2) | (1 << 62)
+
+
 def differential(att, twins, inos, where):
     """Hidden vs absent, and a directory with hidden entries vs one without."""
     problems = []
@@ -824,18 +833,25 @@ def differential(att, twins, inos, where):
                             f"one without: {a!r} vs {b!r}")
     ga, gb = pick("getdents", "/w/write/a"), pick("getdents", "/w/write/b")
 
-    def shape(p):
+    def shape(p, d):
         ents = [e.rsplit(b":", 3) for e in p.split(b"/") if e]
         named = [(n, off, t) for n, off, t, _ in ents]
-        inos = sorted(int(i) for n, _, _, i in ents if n not in (b".", b".."))
-        return named, [i - inos[0] for i in inos] if inos else []
-    if shape(ga) != shape(gb):
-        problems.append(f"{where}: getdents (names, offsets, types, inode spacing) differ: {ga!r} vs {gb!r}")
+        # An entry's inode number is a function of its own visible path and nothing else
+        # (no counter that hidden entries or probes could move).
+        odd = [n for n, _, _, i in ents if n not in (b".", b"..")
+               and int(i) != path_ino(f"{d}/{n.decode()}")]
+        return named, odd
+    (na, odd_a), (nb, odd_b) = shape(ga, "/write/a"), shape(gb, "/write/b")
+    if na != nb or odd_a or odd_b:
+        problems.append(f"{where}: getdents (names, offsets, types, inode numbers) differ or "
+                        f"carry more than the name: {ga!r} vs {gb!r} (odd: {odd_a} {odd_b})")
     ino = lambda a: int(field(a.payload, "ino") or -1)  # noqa: E731
-    d1, d2 = ino(inos[6]) - ino(inos[5]), ino(inos[13]) - ino(inos[12])
-    if d1 != d2:
-        problems.append(f"{where}: inode numbers advance differently after probing hidden names "
-                        f"({d1}) than absent ones ({d2})")
+    for a in inos:
+        if a.op == "stat" and a.result == "ok":
+            want = path_ino(a.line.split()[1][len("/w"):])
+            if ino(a) != want:
+                problems.append(f"{where}: `{a.line}` has inode {ino(a)}, not the number of its "
+                                f"path ({want}): probing hidden names moved something")
     t = {}
     for a in timings:
         t.setdefault(a.line.split()[1], []).append(int(a.payload or 0))

@@ -89,6 +89,8 @@ pub struct Fence {
     /// Owner, group and mode of directories recently checked for search permission (at most
     /// `TTL` old), by path.
     dirs: Mutex<HashMap<String, (Owner, Instant)>>,
+    /// Nodes dropped since the start (memory is trimmed every so many).
+    forgotten: AtomicU64,
 }
 
 /// At most this many directories' owners are remembered for permission checks.
@@ -245,6 +247,7 @@ impl Fence {
             multi_linked: Mutex::new(std::collections::HashSet::new()),
             inval: std::sync::Arc::new(Mutex::new(None)),
             dirs: Mutex::new(HashMap::new()),
+            forgotten: AtomicU64::new(0),
         })
     }
 
@@ -452,6 +455,19 @@ impl Fence {
         if let Ok(g) = self.inval.lock() {
             if let Some(n) = g.as_ref() {
                 let _ = n.inval_inode(INodeNo(ino), -1, 0);
+            }
+        }
+    }
+
+    /// After many nodes went (the kernel forgot what it cached, e.g. under memory pressure):
+    /// gives the freed memory back to the system, so that the daemon's size follows the
+    /// kernel's cache down as well as up.
+    fn trim_memory(&self) {
+        let n = self.forgotten.fetch_add(1, Ordering::Relaxed) + 1;
+        if n % 4096 == 0 {
+            // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
+            unsafe {
+                libc::malloc_trim(0);
             }
         }
     }
@@ -1453,10 +1469,7 @@ impl Fence {
         let mut nodes = self.nodes.lock().map_err(|_| Errno::IO)?;
         for (name, ft, cp) in children {
             let kind = ftype(ft);
-            let child_ino = match nodes.ino_of(&cp) {
-                Some(i) => i,
-                None => nodes.upsert(&cp, kind, false, f.merge_base, false),
-            };
+            let child_ino = nodes.listing_ino(&cp, kind, f.merge_base);
             entries.push((child_ino, kind, name.into()));
         }
         drop(nodes);
@@ -1534,8 +1547,16 @@ impl Filesystem for Fence {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        if let Ok(mut n) = self.nodes.lock() {
-            n.forget(ino.0, nlookup);
+        let dropped = self
+            .nodes
+            .lock()
+            .map(|mut n| n.forget(ino.0, nlookup))
+            .unwrap_or(false);
+        if dropped {
+            if let Ok(mut m) = self.multi_linked.lock() {
+                m.remove(&ino.0);
+            }
+            self.trim_memory();
         }
     }
 

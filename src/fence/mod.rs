@@ -108,8 +108,13 @@ enum Handle {
         Option<Box<OpenAudit>>,
         #[allow(dead_code)] Option<std::sync::Arc<fuser::BackingId>>,
     ),
-    Dir(Vec<(u64, FType, std::ffi::OsString)>),
+    /// An open directory: its inode, and its listing, taken at the first read (a listing the
+    /// kernel serves from its own cache is never taken).
+    Dir(u64, std::sync::OnceLock<Res<Vec<DirEntry>>>),
 }
+
+/// One entry of a directory listing: inode number, type, name.
+type DirEntry = (u64, FType, std::ffi::OsString);
 
 /// What an allowed open reports when it is closed.
 struct OpenAudit {
@@ -1437,7 +1442,7 @@ impl Fence {
         Ok((attr, fh))
     }
 
-    fn do_opendir(&self, ino: INodeNo) -> Res<u64> {
+    fn do_opendir(&self, ino: INodeNo) -> Res<(u64, bool)> {
         let node = self.node(ino)?;
         let f = self.found(&node)?;
         if !f.is_dir() {
@@ -1451,8 +1456,22 @@ impl Fence {
         self.unix(&c, &f, R)?;
         self.allowed(Op::Opendir, &node.path, true, None);
         self.watch_dir(&node);
-        // The listing is taken once, at open: offsets are positions in it, so they count only
-        // what the container sees.
+        let fh = self.new_fh(Handle::Dir(ino.0, std::sync::OnceLock::new()))?;
+        // The kernel may keep the listing while a change reaches it as an invalidation (the
+        // watch drops the directory's pages when the host changes it; the kernel drops them
+        // itself when the container does).
+        let cache = self.ttl_of(ino.0) == watch::LONG_TTL;
+        Ok((fh, cache))
+    }
+
+    /// The listing of directory `ino` as the container sees it, taken once per open directory
+    /// (offsets are positions in it, so they count only what the container sees).
+    fn listing(&self, ino: u64) -> Res<Vec<DirEntry>> {
+        let node = self.node(INodeNo(ino))?;
+        let f = self.found(&node)?;
+        if !f.is_dir() {
+            return Err(Errno::NOTDIR);
+        }
         let children = self.visible_children(&node.path, &f)?;
         let parent_ino = {
             let pp = parent_path(&node.path);
@@ -1463,7 +1482,7 @@ impl Fence {
                 .unwrap_or(ROOT)
         };
         let mut entries = vec![
-            (ino.0, FType::Directory, ".".into()),
+            (ino, FType::Directory, ".".into()),
             (parent_ino, FType::Directory, "..".into()),
         ];
         let mut nodes = self.nodes.lock().map_err(|_| Errno::IO)?;
@@ -1473,7 +1492,18 @@ impl Fence {
             entries.push((child_ino, kind, name.into()));
         }
         drop(nodes);
-        self.new_fh(Handle::Dir(entries))
+        Ok(entries)
+    }
+
+    /// The listing of an open directory handle.
+    fn entries_of<'a>(&self, h: &'a Handle) -> Res<&'a [DirEntry]> {
+        match h {
+            Handle::Dir(ino, l) => l
+                .get_or_init(|| self.listing(*ino))
+                .as_deref()
+                .map_err(|e| *e),
+            _ => Err(Errno::BADF),
+        }
     }
 
     /// The node and entry whose attribute `name` is read (`mask` R) or changed (W), if the
@@ -1845,7 +1875,11 @@ impl Filesystem for Fence {
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         set_who(req);
         match self.do_opendir(ino) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok((fh, true)) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Ok((fh, false)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(ferr(e)),
         }
     }
@@ -1861,8 +1895,9 @@ impl Filesystem for Fence {
         let Ok(handle) = self.handle(fh) else {
             return reply.error(FErrno::EBADF);
         };
-        let Handle::Dir(entries) = &*handle else {
-            return reply.error(FErrno::EBADF);
+        let entries = match self.entries_of(&handle) {
+            Ok(e) => e,
+            Err(e) => return reply.error(ferr(e)),
         };
         let Ok(_g) = self.ns_read() else {
             return reply.error(FErrno::EIO);
@@ -1922,8 +1957,9 @@ impl Filesystem for Fence {
         let Ok(handle) = self.handle(fh) else {
             return reply.error(FErrno::EBADF);
         };
-        let Handle::Dir(entries) = &*handle else {
-            return reply.error(FErrno::EBADF);
+        let entries = match self.entries_of(&handle) {
+            Ok(e) => e,
+            Err(e) => return reply.error(ferr(e)),
         };
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {

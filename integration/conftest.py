@@ -265,3 +265,34 @@ class DirectFence:
             self.proc.wait()
             subprocess.run(["umount", "-l", self.mnt], capture_output=True)
         self.err.close()
+
+
+# ------------------------------------------------------------------ figures at the end of a run
+
+# Lines the security and reliability suites report (attack attempts, pjdfstest counts, soak
+# operations), printed together at the end of the run with the fault-injection count.
+FIGURES = []
+FAULTS = {"passed": 0, "failed": 0}
+
+
+def figure(line):
+    """Records a line for the end-of-run summary (and prints it where it happened, too)."""
+    FIGURES.append(line)
+    print(line)
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and "test_faults.py" in report.nodeid:
+        FAULTS["passed" if report.passed else "failed"] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FIGURES and not any(FAULTS.values()):
+        return
+    terminalreporter.write_sep("=", "agentfense security and reliability figures")
+    if any(FAULTS.values()):
+        terminalreporter.write_line(
+            f"fault injection: {FAULTS['passed']} scenarios passed, {FAULTS['failed']} failed "
+            f"(integration/test_faults.py)")
+    for line in FIGURES:
+        terminalreporter.write_line(line)

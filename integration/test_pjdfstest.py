@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DirectFence
+from conftest import DirectFence, figure
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("AGENTFENSE_BIN", REPO / "target" / "release" / "agentfense-runc")).resolve()
@@ -311,6 +311,9 @@ def print_table(out):
                        ("total", "total")):
         print(f"{label:<25}" + "".join(f"{out[m]['summary'][key]:>16}" for m in MODES))
     print(f"{'seconds':<25}" + "".join(f"{out[m]['seconds']:>16.1f}" for m in MODES))
+    figure(f"pjdfstest {PJD_VERSION}: " + "; ".join(
+        f"{m} {out[m]['summary']['passed']} passed, {out[m]['summary']['failed']} failed"
+        for m in MODES))
     for m in MODES[1:]:
         failed = sorted(n for n, (s, _) in out[m]["results"].items() if s == "FAILED")
         print(f"\n{m}: {len(failed)} failed")

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DirectFence
+from conftest import DirectFence, figure
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("AGENTFENSE_BIN", REPO / "target" / "release" / "agentfense-runc")).resolve()
@@ -796,8 +796,9 @@ def check_layers(res):
 def report(seed, res):
     s = res["stats"]
     rate = s.ops / res["elapsed"] if res["elapsed"] else 0
-    print(f"\nsoak seed={seed} workers={WORKERS} seconds={res['elapsed']:.1f} ops={s.ops} "
-          f"({rate:.0f} ops/s) documented EXDEV refusals={s.exdev}")
+    figure(f"soak: seed={seed} workers={WORKERS} seconds={res['elapsed']:.1f} ops={s.ops} "
+           f"({rate:.0f} ops/s), {'DIVERGED' if res['failure'] is not None else 'model matched'}; "
+           f"documented EXDEV refusals={s.exdev}")
     print("  phases (cumulative ops): " + ", ".join(f"{p} -> {n}" for p, n in res["phases"]))
     print("  ops by kind: " + ", ".join(f"{k}={v}" for k, v in sorted(s.by_kind.items())))
 

@@ -160,8 +160,53 @@ pub fn run(config_path: &Path) -> Result<()> {
     // Ready: the mount is live.
     println!("ready");
     redirect_stdout_to_null();
+    release_startup_pages();
     session.run().context("fence session failed")?;
     Ok(())
+}
+
+/// Unmaps the pages of program files (ours and its libraries) that starting up touched
+/// (argument parsing, configuration, mounting: the daemon runs the runtime's whole binary).
+/// They stay in the page cache, shared with every other process; the pages serving requests
+/// come back on first use. An idle daemon then holds about its own memory, not a copy of the
+/// startup path.
+fn release_startup_pages() {
+    let Ok(smaps) = fs::read_to_string("/proc/self/smaps") else {
+        return;
+    };
+    // Mappings as (start, end, releasable): file-backed, not writable, and with no page the
+    // process changed (a changed page of a private file mapping is an anonymous copy:
+    // relocated read-only data, RELRO, has some, and dropping them would revert it to the
+    // file's bytes).
+    let mut maps: Vec<(usize, usize, bool)> = Vec::new();
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        let Some(first) = f.next() else { continue };
+        if let Some((a, b)) = first.split_once('-') {
+            let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+            else {
+                continue;
+            };
+            let perms = f.next().unwrap_or("");
+            let path = f.nth(3).unwrap_or("");
+            let file = path.starts_with('/');
+            maps.push((a, b, file && !perms.contains('w') && perms.ends_with('p')));
+        } else if first == "Anonymous:" && f.next() != Some("0") {
+            if let Some(m) = maps.last_mut() {
+                m.2 = false;
+            }
+        }
+    }
+    for (a, b, ok) in maps {
+        if ok {
+            // SAFETY: a read-only private file mapping none of whose pages the process
+            // changed: dropping them only makes the next access fault them back in from the
+            // page cache, with the same contents.
+            unsafe {
+                libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_DONTNEED);
+            }
+        }
+    }
 }
 
 /// The capabilities a fence daemon keeps: mounting and passthrough registration

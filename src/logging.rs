@@ -109,6 +109,36 @@ impl MessageVisitor {
     }
 }
 
+/// Reports a failure that happens before the command line is parsed (sealing the binary):
+/// an error line to the `--log` file named in `args`, in the `--log-format` they name, so that
+/// containerd shows it instead of "unknown".
+pub fn report_early_failure<I, T>(args: I, msg: &str)
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString>,
+{
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let value = |flag: &str| {
+        let eq = format!("{flag}=");
+        args.iter().enumerate().find_map(|(i, a)| {
+            let a = a.to_str()?;
+            if a == flag {
+                args.get(i + 1).cloned()
+            } else {
+                a.strip_prefix(&eq).map(std::ffi::OsString::from)
+            }
+        })
+    };
+    let Some(log) = value("--log") else { return };
+    let format = match value("--log-format").as_deref().and_then(|f| f.to_str()) {
+        Some("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    if let Ok(logger) = Logger::open(Some(Path::new(&log)), format) {
+        logger.fatal(msg);
+    }
+}
+
 /// The message of the last `error` line in `text` (runc's JSON or text format).
 pub fn last_error_in(text: &str) -> Option<String> {
     text.lines().rev().find_map(|l| {
@@ -350,6 +380,32 @@ mod tests {
         let t = format_line(LogFormat::Text, "error", "a \"quoted\" cause", "T");
         assert_eq!(last_error_in(&t).as_deref(), Some("a \"quoted\" cause"));
         assert_eq!(last_error_in("level=info"), None);
+    }
+
+    #[test]
+    fn early_failures_reach_the_log_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.json");
+        let p = path.to_str().unwrap();
+        report_early_failure(
+            [
+                "agentfense-runc",
+                "--root",
+                "/r",
+                "--log",
+                p,
+                "--log-format=json",
+                "create",
+                "x",
+            ],
+            "failed to seal /proc/self/exe: boom",
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
+        assert_eq!(v["level"], "error");
+        assert_eq!(v["msg"], "failed to seal /proc/self/exe: boom");
+        // No --log: nothing to write, nothing fails.
+        report_early_failure(["agentfense-runc", "create", "x"], "m");
     }
 
     #[test]

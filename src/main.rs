@@ -13,8 +13,15 @@ fn main() {
             }
         }
         // First thing, before parsing anything: re-execute from a sealed copy (CVE-2019-5736).
-        if let Err(e) = agentfense::sys::ensure_sealed() {
-            eprintln!("failed to seal /proc/self/exe: {e}");
+        // Once more if that fails (a transient failure to copy the binary must not fail a
+        // container start); then the error goes where the engine reads it, the --log file,
+        // not only to stderr (which containerd hands to the container's stdio).
+        if let Err(e) =
+            agentfense::sys::ensure_sealed().or_else(|_| agentfense::sys::ensure_sealed())
+        {
+            let msg = format!("failed to seal /proc/self/exe: {e}");
+            agentfense::logging::report_early_failure(std::env::args_os(), &msg);
+            eprintln!("{msg}");
             std::process::exit(1);
         }
     }

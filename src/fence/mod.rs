@@ -191,6 +191,29 @@ fn timespec(x: TimeOrNow) -> rustix::fs::Timespec {
     }
 }
 
+/// What a `setattr` asks to change, as Unix permissions judge it (`truncate`: a new size not
+/// through a descriptor opened for writing).
+fn setattr_change(
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    truncate: bool,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+) -> perm::Change {
+    let times = [atime, mtime];
+    perm::Change {
+        mode,
+        uid,
+        gid,
+        truncate,
+        times_given: times
+            .iter()
+            .any(|t| matches!(t, Some(TimeOrNow::SpecificTime(_)))),
+        times_now: times.iter().any(|t| matches!(t, Some(TimeOrNow::Now))),
+    }
+}
+
 fn time(sec: i64, nsec: i64) -> SystemTime {
     if sec >= 0 {
         UNIX_EPOCH + Duration::new(sec as u64, nsec.clamp(0, 999_999_999) as u32)
@@ -837,18 +860,8 @@ impl Fence {
         self.need_write(Op::Setattr, &node.path, f.is_dir())?;
         let c = who();
         self.reach(&c, &node.path)?;
-        let change = perm::Change {
-            mode,
-            uid,
-            gid,
-            truncate: size.is_some() && fh.is_none(),
-            times_given: [atime, mtime]
-                .iter()
-                .any(|t| matches!(t, Some(TimeOrNow::SpecificTime(_)))),
-            times_now: [atime, mtime]
-                .iter()
-                .any(|t| matches!(t, Some(TimeOrNow::Now))),
-        };
+        let truncate = size.is_some() && fh.is_none();
+        let change = setattr_change(mode, uid, gid, truncate, atime, mtime);
         let mode = perm::setattr_allowed(&c, &Owner::of(&f.st), &change)?;
         let r = rel(&node.path);
         self.layers.copy_up(r)?;
@@ -918,17 +931,7 @@ impl Fence {
         if acc == OFlags::RDONLY {
             return Err(Errno::ACCESS);
         }
-        let times = [atime, mtime];
-        let change = perm::Change {
-            mode,
-            uid,
-            gid,
-            truncate: false,
-            times_given: times
-                .iter()
-                .any(|t| matches!(t, Some(TimeOrNow::SpecificTime(_)))),
-            times_now: times.iter().any(|t| matches!(t, Some(TimeOrNow::Now))),
-        };
+        let change = setattr_change(mode, uid, gid, false, atime, mtime);
         let st = rustix::fs::fstat(fd)?;
         let mode = perm::setattr_allowed(&who(), &Owner::of(&st), &change)?;
         if uid.is_some() || gid.is_some() {

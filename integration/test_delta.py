@@ -187,6 +187,43 @@ def test_host_changes_reach_warm_caches(docker_engine, image, probe, tmp_path, c
     no_leftovers()
 
 
+def test_host_rewrites_reach_cached_contents(docker_engine, image, probe, tmp_path, cleanup_docker):
+    """Read-only files keep their contents in the kernel from one open to the next (small ones
+    in the page cache, large ones by passthrough): a host rewrite of the same size still shows,
+    and so does one the host makes by renaming a new file over the old."""
+    repo = tmp_path / "repo"
+    (repo / "d").mkdir(parents=True)
+    (repo / "d" / "small").write_text("aaaa\n")
+    (repo / "d" / "swap").write_text("one\n")
+    big = b"x" * (3 << 20)
+    (repo / "d" / "big").write_bytes(big)
+    # (Audit `all` counts the bytes every open reads: reads then all go through the daemon.)
+    name = start(repo, probe, policy=[{"pattern": "**", "permission": "read"}],
+                 env=["AGENTFENSE_AUDIT=write"])
+    cleanup_docker.append(name)
+    show = "cat /w/d/small /w/d/swap; tail -c 4 /w/d/big; echo"
+    # A process keeps the files open, so the kernel keeps their inodes (and cached pages)
+    # across the host's change: only the fence's invalidation can drop them.
+    sh([DOCKER, "exec", "-d", name, "sh", "-c", "exec 3</w/d/small 4</w/d/big; sleep 1000"],
+       check=True)
+    for _ in range(3):
+        assert ex(name, show).stdout == "aaaa\none\nxxxx\n"
+    with open(repo / "d" / "small", "r+") as f:
+        f.write("bbbb\n")
+    (repo / "d" / "swap.new").write_text("two\n")
+    (repo / "d" / "swap.new").rename(repo / "d" / "swap")
+    with open(repo / "d" / "big", "r+b") as f:
+        f.seek(len(big) - 4)
+        f.write(b"yyyy")
+    wait_for(lambda: ex(name, show).stdout == "bbbb\ntwo\nyyyy\n",
+             "host rewrites to reach cached contents", timeout=3)
+    # And the read-only files stay read-only.
+    p = ex(name, "echo z > /w/d/small")
+    assert p.returncode != 0 and (repo / "d" / "small").read_text() == "bbbb\n"
+    sh([DOCKER, "rm", "-f", name], check=True)
+    no_leftovers()
+
+
 def test_delta_off_writes_through(docker_engine, image, probe, tmp_path):
     repo = tmp_path / "repo"
     (repo / "out").mkdir(parents=True)

@@ -75,9 +75,10 @@ pub struct Fence {
     audit: Option<AuditLog>,
     /// Whether the kernel agreed to pass reads of open files straight to their backing files.
     passthrough: bool,
-    /// The backing file registered for each inode with passthrough opens (the kernel wants one
-    /// per inode while any such open lasts).
-    backing: Mutex<HashMap<u64, std::sync::Weak<fuser::BackingId>>>,
+    /// How each inode with open files is served: passthrough (the backing file registered
+    /// for it: the kernel wants one per inode while any such open lasts) or through the page
+    /// cache (how many such opens). The kernel refuses to mix the two on one inode.
+    io: Mutex<HashMap<u64, Io>>,
     /// An open handle of each inode with open files: an unlinked file stays usable through it.
     open_files: Mutex<HashMap<u64, u64>>,
     /// Inodes whose file has several names in its layer: the kernel sees one inode per name,
@@ -92,6 +93,29 @@ pub struct Fence {
     /// Nodes dropped since the start (memory is trimmed every so many).
     forgotten: AtomicU64,
 }
+
+/// How the open files of one inode are served.
+enum Io {
+    /// Reads go straight to this backing file, without the daemon.
+    Pass(std::sync::Weak<fuser::BackingId>),
+    /// Through the kernel's page cache; this many opens.
+    Cached(usize),
+}
+
+/// How one open file is served.
+enum OpenIo {
+    Pass(std::sync::Arc<fuser::BackingId>),
+    /// The page cache, kept from one open to the next (FOPEN_KEEP_CACHE).
+    KeepCache,
+    /// The page cache, dropped at this open (the kernel's default).
+    Plain,
+}
+
+/// Read-only files up to this size are served through the page cache, kept across opens,
+/// rather than by passthrough: a passthrough read makes the kernel refetch the attributes at
+/// the next stat (it invalidates atime), which costs a round trip per file to every `grep -r`
+/// after the first; larger files keep passthrough (no second copy in memory).
+const KEEP_CACHE_MAX: u64 = 1 << 20;
 
 /// At most this many directories' owners are remembered for permission checks.
 const DIR_CACHE: usize = 16384;
@@ -270,7 +294,7 @@ impl Fence {
             next_fh: AtomicU64::new(1),
             audit,
             passthrough: false,
-            backing: Mutex::new(HashMap::new()),
+            io: Mutex::new(HashMap::new()),
             open_files: Mutex::new(HashMap::new()),
             multi_linked: Mutex::new(std::collections::HashSet::new()),
             inval: std::sync::Arc::new(Mutex::new(None)),
@@ -1301,13 +1325,13 @@ impl Fence {
         self.entry(&parent, &path, &f)
     }
 
-    /// Opens a file: the open file, what its close reports, and whether its reads may bypass
-    /// the daemon.
+    /// Opens a file: the open file, what its close reports, and, for a file whose reads may
+    /// bypass the daemon, its size.
     fn do_open(
         &self,
         ino: INodeNo,
         flags: OpenFlags,
-    ) -> Res<(OwnedFd, Option<Box<OpenAudit>>, bool)> {
+    ) -> Res<(OwnedFd, Option<Box<OpenAudit>>, Option<u64>)> {
         let node = self.node(ino)?;
         let f = self.found(&node)?;
         let writing = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
@@ -1367,35 +1391,111 @@ impl Fence {
         // Non-blocking, and checked after opening: a FIFO swapped in meanwhile must not hang a
         // worker thread, nor be served.
         let fd = self.layers.open_file(r, layer, oflags | OFlags::NONBLOCK)?;
-        if sfs::file_type(&rustix::fs::fstat(&fd)?) != FileType::RegularFile {
+        let st = rustix::fs::fstat(&fd)?;
+        if sfs::file_type(&st) != FileType::RegularFile {
             return Err(Errno::ACCESS);
         }
         let audit = self.open_audit(&node.path, writing);
-        // Kernel passthrough: reads then go straight to the layer's file, without a round trip
-        // through the daemon. Only for files the policy makes read-only (they are never copied
-        // up or written through the fence, so the inode keeps one backing file), and only when
-        // the audit trail does not count the bytes read (the daemon no longer sees them).
-        let pass = self.passthrough && level == Level::Read && audit.is_none();
-        Ok((fd, audit, pass))
+        // Reads may bypass the daemon (kernel passthrough, or the page cache kept across
+        // opens) only for files the policy makes read-only (never copied up or written
+        // through the fence: the inode keeps one backing file and its contents change only
+        // on the host), and only when the audit trail does not count the bytes read (the
+        // daemon no longer sees them).
+        let bypass = (level == Level::Read && audit.is_none()).then_some(st.st_size as u64);
+        Ok((fd, audit, bypass))
     }
 
-    /// The backing file registration for `ino`: the one its open handles use, or a new one.
-    fn backing_for(
-        &self,
-        ino: u64,
-        fd: &OwnedFd,
-        reply: &ReplyOpen,
-    ) -> Option<std::sync::Arc<fuser::BackingId>> {
-        let mut map = self.backing.lock().ok()?;
-        if let Some(b) = map.get(&ino).and_then(|w| w.upgrade()) {
-            return Some(b);
+    /// How an open of `ino` is served, given the size of a file whose reads may bypass the
+    /// daemon (None: every read goes through it). Counted until `io_release`.
+    fn io_open(&self, ino: u64, bypass: Option<u64>, fd: &OwnedFd, reply: &ReplyOpen) -> OpenIo {
+        let Ok(mut map) = self.io.lock() else {
+            return OpenIo::Plain;
+        };
+        // The page cache is kept across opens only where a host change reaches the kernel
+        // as an invalidation (which drops the cached pages too).
+        let keep = bypass.is_some() && self.ttl_of(ino) == watch::LONG_TTL;
+        let cached = |map: &mut HashMap<u64, Io>, how| {
+            match map.entry(ino).or_insert(Io::Cached(0)) {
+                Io::Cached(n) => *n += 1,
+                e => *e = Io::Cached(1),
+            }
+            how
+        };
+        match map.get(&ino) {
+            Some(Io::Pass(w)) => {
+                if let Some(b) = w.upgrade() {
+                    // Passthrough opens are live: this one must be one too.
+                    return OpenIo::Pass(b);
+                }
+            }
+            Some(Io::Cached(n)) if *n > 0 => {
+                let how = if keep {
+                    OpenIo::KeepCache
+                } else {
+                    OpenIo::Plain
+                };
+                return cached(&mut map, how);
+            }
+            _ => {}
         }
-        let b = std::sync::Arc::new(reply.open_backing(fd).ok()?);
-        map.insert(ino, std::sync::Arc::downgrade(&b));
-        if map.len() > 4096 {
-            map.retain(|_, w| w.strong_count() > 0);
+        match bypass {
+            Some(size) if keep && size <= KEEP_CACHE_MAX => cached(&mut map, OpenIo::KeepCache),
+            Some(_) if self.passthrough => match reply.open_backing(fd) {
+                Ok(b) => {
+                    let b = std::sync::Arc::new(b);
+                    map.insert(ino, Io::Pass(std::sync::Arc::downgrade(&b)));
+                    if map.len() > 4096 {
+                        map.retain(|_, io| !matches!(io, Io::Pass(w) if w.strong_count() == 0));
+                    }
+                    OpenIo::Pass(b)
+                }
+                // A registration the kernel refuses (e.g. a backing file system stacked too
+                // deep) leaves the file served by the daemon as usual.
+                Err(_) => cached(
+                    &mut map,
+                    if keep {
+                        OpenIo::KeepCache
+                    } else {
+                        OpenIo::Plain
+                    },
+                ),
+            },
+            _ => cached(
+                &mut map,
+                if keep {
+                    OpenIo::KeepCache
+                } else {
+                    OpenIo::Plain
+                },
+            ),
         }
-        Some(b)
+    }
+
+    /// Counts a page-cache open made by create(2).
+    fn io_created(&self, ino: u64) {
+        if let Ok(mut map) = self.io.lock() {
+            match map.entry(ino).or_insert(Io::Cached(0)) {
+                Io::Cached(n) => *n += 1,
+                e => *e = Io::Cached(1),
+            }
+        }
+    }
+
+    /// Ends what `io_open` or `io_created` counted for a handle of `ino`.
+    fn io_release(&self, ino: u64, pass: bool) {
+        let Ok(mut map) = self.io.lock() else { return };
+        match map.get_mut(&ino) {
+            Some(Io::Cached(n)) if !pass => {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(&ino);
+                }
+            }
+            Some(Io::Pass(w)) if pass && w.strong_count() == 0 => {
+                map.remove(&ino);
+            }
+            _ => {}
+        }
     }
 
     /// The record an allowed open makes at close, if the audit level keeps it.
@@ -1731,25 +1831,30 @@ impl Filesystem for Fence {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         set_who(req);
-        let (fd, audit, pass) = match self.do_open(ino, flags) {
+        let (fd, audit, bypass) = match self.do_open(ino, flags) {
             Ok(o) => o,
             Err(e) => return reply.error(ferr(e)),
         };
-        // A registration the kernel refuses (e.g. a backing file system stacked too deep)
-        // leaves the file served by the daemon as usual.
-        let backing = if pass {
-            self.backing_for(ino.0, &fd, &reply)
-        } else {
-            None
+        let io = self.io_open(ino.0, bypass, &fd, &reply);
+        let backing = match &io {
+            OpenIo::Pass(b) => Some(b.clone()),
+            _ => None,
         };
-        let fh = self.new_fh(Handle::File(fd, audit, backing.clone()));
-        if let (Ok(fh), Ok(mut m)) = (&fh, self.open_files.lock()) {
-            m.insert(ino.0, *fh);
+        let pass = backing.is_some();
+        let fh = match self.new_fh(Handle::File(fd, audit, backing)) {
+            Ok(fh) => fh,
+            Err(e) => {
+                self.io_release(ino.0, pass);
+                return reply.error(ferr(e));
+            }
+        };
+        if let Ok(mut m) = self.open_files.lock() {
+            m.insert(ino.0, fh);
         }
-        match (fh, backing) {
-            (Ok(fh), Some(b)) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
-            (Ok(fh), None) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            (Err(e), _) => reply.error(ferr(e)),
+        match io {
+            OpenIo::Pass(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
+            OpenIo::KeepCache => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            OpenIo::Plain => reply.opened(FileHandle(fh), FopenFlags::empty()),
         }
     }
 
@@ -1833,6 +1938,10 @@ impl Filesystem for Fence {
                 m.remove(&_ino.0);
             }
         }
+        let file_pass = match handle.as_deref() {
+            Some(Handle::File(_, _, b)) => Some(b.is_some()),
+            _ => None,
+        };
         let audit = handle.as_deref().and_then(|h| match h {
             Handle::File(_, Some(a), _) => Some(a),
             _ => None,
@@ -1850,6 +1959,10 @@ impl Filesystem for Fence {
             rec.bytes_read = Some(a.read.load(Ordering::Relaxed));
             rec.bytes_written = Some(a.written.load(Ordering::Relaxed));
             log.access(rec);
+        }
+        drop(handle);
+        if let Some(pass) = file_pass {
+            self.io_release(_ino.0, pass);
         }
         reply.ok();
     }
@@ -2143,6 +2256,7 @@ impl Filesystem for Fence {
         set_who(req);
         match self.do_create(req, parent, name, mode, flags) {
             Ok((attr, fh)) => {
+                self.io_created(attr.ino.0);
                 if let Ok(mut m) = self.open_files.lock() {
                     m.insert(attr.ino.0, fh);
                 }

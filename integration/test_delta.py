@@ -188,26 +188,29 @@ def test_host_changes_reach_warm_caches(docker_engine, image, probe, tmp_path, c
 
 
 def test_host_rewrites_reach_cached_contents(docker_engine, image, probe, tmp_path, cleanup_docker):
-    """Read-only files keep their contents in the kernel from one open to the next (small ones
-    in the page cache, large ones by passthrough): a host rewrite of the same size still shows,
-    and so does one the host makes by renaming a new file over the old."""
+    """Files keep their contents in the kernel from one open to the next (small ones in the
+    page cache, large read-only ones by passthrough): a host rewrite of the same size still
+    shows, and so does one the host makes by renaming a new file over the old; writes through
+    the fence show at once and then stay the container's own."""
     repo = tmp_path / "repo"
     (repo / "d").mkdir(parents=True)
     (repo / "d" / "small").write_text("aaaa\n")
     (repo / "d" / "swap").write_text("one\n")
+    (repo / "d" / "rw").write_text("rw-1\n")
     big = b"x" * (3 << 20)
     (repo / "d" / "big").write_bytes(big)
     # (Audit `all` counts the bytes every open reads: reads then all go through the daemon.)
-    name = start(repo, probe, policy=[{"pattern": "**", "permission": "read"}],
+    name = start(repo, probe, policy=[{"pattern": "**", "permission": "read"},
+                                      {"pattern": "/d/rw", "permission": "write", "priority": 10}],
                  env=["AGENTFENSE_AUDIT=write"])
     cleanup_docker.append(name)
-    show = "cat /w/d/small /w/d/swap; tail -c 4 /w/d/big; echo"
+    show = "cat /w/d/small /w/d/swap /w/d/rw; tail -c 4 /w/d/big; echo"
     # A process keeps the files open, so the kernel keeps their inodes (and cached pages)
     # across the host's change: only the fence's invalidation can drop them.
-    sh([DOCKER, "exec", "-d", name, "sh", "-c", "exec 3</w/d/small 4</w/d/big; sleep 1000"],
-       check=True)
+    sh([DOCKER, "exec", "-d", name, "sh", "-c",
+        "exec 3</w/d/small 4</w/d/big 5</w/d/rw; sleep 1000"], check=True)
     for _ in range(3):
-        assert ex(name, show).stdout == "aaaa\none\nxxxx\n"
+        assert ex(name, show).stdout == "aaaa\none\nrw-1\nxxxx\n"
     with open(repo / "d" / "small", "r+") as f:
         f.write("bbbb\n")
     (repo / "d" / "swap.new").write_text("two\n")
@@ -215,8 +218,15 @@ def test_host_rewrites_reach_cached_contents(docker_engine, image, probe, tmp_pa
     with open(repo / "d" / "big", "r+b") as f:
         f.seek(len(big) - 4)
         f.write(b"yyyy")
-    wait_for(lambda: ex(name, show).stdout == "bbbb\ntwo\nyyyy\n",
+    (repo / "d" / "rw").write_text("rw-2\n")
+    wait_for(lambda: ex(name, show).stdout == "bbbb\ntwo\nrw-2\nyyyy\n",
              "host rewrites to reach cached contents", timeout=3)
+    # A write through the fence shows at once (the same inode's cache), and from then on the
+    # file is the container's copy: the host's next change is a conflict, not shown.
+    assert ex(name, "printf rw-C > /w/d/rw; cat /w/d/rw").stdout == "rw-C"
+    (repo / "d" / "rw").write_text("rw-3\n")
+    time.sleep(1.5)
+    assert ex(name, "cat /w/d/rw").stdout == "rw-C"
     # And the read-only files stay read-only.
     p = ex(name, "echo z > /w/d/small")
     assert p.returncode != 0 and (repo / "d" / "small").read_text() == "bbbb\n"

@@ -102,6 +102,13 @@ enum Io {
     Cached(usize),
 }
 
+/// An open whose reads may bypass the daemon.
+struct Bypass {
+    size: u64,
+    /// By kernel passthrough (else only through the page cache).
+    pass: bool,
+}
+
 /// How one open file is served.
 enum OpenIo {
     Pass(std::sync::Arc<fuser::BackingId>),
@@ -111,10 +118,10 @@ enum OpenIo {
     Plain,
 }
 
-/// Read-only files up to this size are served through the page cache, kept across opens,
-/// rather than by passthrough: a passthrough read makes the kernel refetch the attributes at
-/// the next stat (it invalidates atime), which costs a round trip per file to every `grep -r`
-/// after the first; larger files keep passthrough (no second copy in memory).
+/// Files up to this size are served through the page cache, kept across opens, rather than by
+/// passthrough: a passthrough read makes the kernel refetch the attributes at the next stat
+/// (it invalidates atime), which costs a round trip per file to every `grep -r` after the
+/// first; larger read-only files keep passthrough (no second copy in memory).
 const KEEP_CACHE_MAX: u64 = 1 << 20;
 
 /// At most this many directories' owners are remembered for permission checks.
@@ -1325,13 +1332,13 @@ impl Fence {
         self.entry(&parent, &path, &f)
     }
 
-    /// Opens a file: the open file, what its close reports, and, for a file whose reads may
-    /// bypass the daemon, its size.
+    /// Opens a file: the open file, what its close reports, and whether its reads may bypass
+    /// the daemon.
     fn do_open(
         &self,
         ino: INodeNo,
         flags: OpenFlags,
-    ) -> Res<(OwnedFd, Option<Box<OpenAudit>>, Option<u64>)> {
+    ) -> Res<(OwnedFd, Option<Box<OpenAudit>>, Option<Bypass>)> {
         let node = self.node(ino)?;
         let f = self.found(&node)?;
         let writing = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
@@ -1396,18 +1403,22 @@ impl Fence {
             return Err(Errno::ACCESS);
         }
         let audit = self.open_audit(&node.path, writing);
-        // Reads may bypass the daemon (kernel passthrough, or the page cache kept across
-        // opens) only for files the policy makes read-only (never copied up or written
-        // through the fence: the inode keeps one backing file and its contents change only
-        // on the host), and only when the audit trail does not count the bytes read (the
-        // daemon no longer sees them).
-        let bypass = (level == Level::Read && audit.is_none()).then_some(st.st_size as u64);
+        // Reads may bypass the daemon only when the audit trail does not count the bytes
+        // read (the daemon no longer sees them): through the page cache kept across opens
+        // (writes through the fence keep it up to date, the watch drops it when the host
+        // changes the file), or by kernel passthrough, only for files the policy makes
+        // read-only (never copied up or written through the fence: the inode keeps one
+        // backing file).
+        let bypass = (!writing && audit.is_none()).then_some(Bypass {
+            size: st.st_size as u64,
+            pass: level == Level::Read,
+        });
         Ok((fd, audit, bypass))
     }
 
-    /// How an open of `ino` is served, given the size of a file whose reads may bypass the
-    /// daemon (None: every read goes through it). Counted until `io_release`.
-    fn io_open(&self, ino: u64, bypass: Option<u64>, fd: &OwnedFd, reply: &ReplyOpen) -> OpenIo {
+    /// How an open of `ino` is served, given whether its reads may bypass the daemon (None:
+    /// every read goes through it). Counted until `io_release`.
+    fn io_open(&self, ino: u64, bypass: Option<Bypass>, fd: &OwnedFd, reply: &ReplyOpen) -> OpenIo {
         let Ok(mut map) = self.io.lock() else {
             return OpenIo::Plain;
         };
@@ -1439,8 +1450,8 @@ impl Fence {
             _ => {}
         }
         match bypass {
-            Some(size) if keep && size <= KEEP_CACHE_MAX => cached(&mut map, OpenIo::KeepCache),
-            Some(_) if self.passthrough => match reply.open_backing(fd) {
+            Some(b) if keep && b.size <= KEEP_CACHE_MAX => cached(&mut map, OpenIo::KeepCache),
+            Some(b) if b.pass && self.passthrough => match reply.open_backing(fd) {
                 Ok(b) => {
                     let b = std::sync::Arc::new(b);
                     map.insert(ino, Io::Pass(std::sync::Arc::downgrade(&b)));

@@ -82,6 +82,12 @@ pub fn rel(path: &str) -> &str {
     }
 }
 
+impl Drop for Layers {
+    fn drop(&mut self) {
+        sfs::uncache_dirs(self.upper.as_fd());
+    }
+}
+
 impl Layers {
     /// Copy-on-write over `base`, changes in `upper`; or, with `base` None, changes in place.
     pub fn open(base: Option<&Path>, upper: &Path) -> Res<Layers> {
@@ -101,6 +107,10 @@ impl Layers {
             origins,
             copy_lock: std::sync::Mutex::new(()),
         };
+        if l.cow() {
+            // The upper layer is this daemon's alone (the base is the host's: never cached).
+            sfs::cache_dirs(l.upper());
+        }
         for root in [l.base(), Some(l.upper())].into_iter().flatten() {
             if sfs::case_insensitive(root)? {
                 // Refused rather than served: rules could be bypassed by another spelling.

@@ -7,9 +7,11 @@
 //! components are never followed (`O_NOFOLLOW`, `AT_SYMLINK_NOFOLLOW`). Built on rustix's safe
 //! wrappers: no `unsafe` here.
 
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::{AtFlags, ResolveFlags, Timespec};
 pub use rustix::fs::{FileType, Mode, OFlags, RenameFlags, Stat, StatVfs, Timestamps};
@@ -59,6 +61,19 @@ pub fn case_insensitive(dir: BorrowedFd<'_>) -> Res<bool> {
 
 /// Opens `rel` beneath `root`. `rel` is `"."` for the root itself.
 pub fn open_beneath(root: BorrowedFd<'_>, rel: &str, flags: OFlags, mode: Mode) -> Res<OwnedFd> {
+    if let (Some(i), true) = (rel.rfind('/'), is_cached(root)) {
+        // The parent from the cache, then one component beneath it, resolved the same way.
+        // (A parent that is not a directory, a symlink say, gets the full walk's answer.)
+        match dir_beneath(root, &rel[..i]) {
+            Ok(dir) => return openat2_beneath(dir.as_fd(), &rel[i + 1..], flags, mode),
+            Err(Errno::NOTDIR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    openat2_beneath(root, rel, flags, mode)
+}
+
+fn openat2_beneath(root: BorrowedFd<'_>, rel: &str, flags: OFlags, mode: Mode) -> Res<OwnedFd> {
     loop {
         match rustix::fs::openat2(
             root,
@@ -92,10 +107,108 @@ pub fn join(dir: &str, name: &str) -> String {
 }
 
 /// The parent directory of `rel`, opened `O_PATH`, and the final name.
-pub fn parent_of<'a>(root: BorrowedFd<'_>, rel: &'a str) -> Res<(OwnedFd, &'a str)> {
+pub fn parent_of<'r, 'a>(root: BorrowedFd<'r>, rel: &'a str) -> Res<(Dir<'r>, &'a str)> {
     let (dir, name) = split(rel);
-    let fd = open_beneath(root, dir, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
-    Ok((fd, name))
+    Ok((dir_beneath(root, dir)?, name))
+}
+
+/// A directory opened `O_PATH`: the layer root itself, one opened for the caller, or one
+/// from the cache of a layer only this process changes.
+pub enum Dir<'r> {
+    Root(BorrowedFd<'r>),
+    Owned(OwnedFd),
+    Shared(Arc<OwnedFd>),
+}
+
+impl AsFd for Dir<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Dir::Root(fd) => *fd,
+            Dir::Owned(fd) => fd.as_fd(),
+            Dir::Shared(fd) => fd.as_fd(),
+        }
+    }
+}
+
+/// Directory `dir` beneath `root` (`"."`: the root itself), opened `O_PATH`.
+pub fn dir_beneath<'r>(root: BorrowedFd<'r>, dir: &str) -> Res<Dir<'r>> {
+    if dir == "." {
+        return Ok(Dir::Root(root));
+    }
+    let flags = OFlags::PATH | OFlags::DIRECTORY;
+    let Ok(mut g) = DIRS.lock() else {
+        return openat2_beneath(root, dir, flags, Mode::empty()).map(Dir::Owned);
+    };
+    let Some(c) = g.as_mut().filter(|c| c.root == root.as_raw_fd()) else {
+        drop(g);
+        return openat2_beneath(root, dir, flags, Mode::empty()).map(Dir::Owned);
+    };
+    if let Some(fd) = c.dirs.get(dir) {
+        return Ok(Dir::Shared(fd.clone()));
+    }
+    let generation = c.generation;
+    drop(g);
+    let fd = Arc::new(openat2_beneath(root, dir, flags, Mode::empty())?);
+    if let Ok(mut g) = DIRS.lock() {
+        // Kept only if no directory was removed or renamed meanwhile (the path might then
+        // name another directory, or none).
+        if let Some(c) = g.as_mut().filter(|c| c.generation == generation) {
+            if c.dirs.len() >= DIR_CACHE_MAX {
+                c.dirs.clear();
+            }
+            c.dirs.insert(dir.to_string(), fd.clone());
+        }
+    }
+    Ok(Dir::Shared(fd))
+}
+
+/// Directories of the one layer whose tree only this process changes (a fence's upper
+/// layer), by path: a path walk of `openat2` per operation becomes one lookup here. Every
+/// directory removal or rename in that layer empties it, before and after the change.
+struct DirCache {
+    root: RawFd,
+    generation: u64,
+    dirs: HashMap<String, Arc<OwnedFd>>,
+}
+
+static DIRS: Mutex<Option<DirCache>> = Mutex::new(None);
+
+const DIR_CACHE_MAX: usize = 1024;
+
+/// Caches directories beneath `root` from now on: only for a tree that nothing but this
+/// process changes, and held open until [`uncache_dirs`].
+pub fn cache_dirs(root: BorrowedFd<'_>) {
+    if let Ok(mut g) = DIRS.lock() {
+        *g = Some(DirCache {
+            root: root.as_raw_fd(),
+            generation: 0,
+            dirs: HashMap::new(),
+        });
+    }
+}
+
+/// Stops caching directories beneath `root` (before it is closed: its number may be reused).
+pub fn uncache_dirs(root: BorrowedFd<'_>) {
+    if let Ok(mut g) = DIRS.lock() {
+        if g.as_ref().is_some_and(|c| c.root == root.as_raw_fd()) {
+            *g = None;
+        }
+    }
+}
+
+fn is_cached(root: BorrowedFd<'_>) -> bool {
+    DIRS.lock()
+        .is_ok_and(|g| g.as_ref().is_some_and(|c| c.root == root.as_raw_fd()))
+}
+
+/// A directory beneath `root` goes away or moves: forget every cached one.
+fn dirs_changed(root: BorrowedFd<'_>) {
+    if let Ok(mut g) = DIRS.lock() {
+        if let Some(c) = g.as_mut().filter(|c| c.root == root.as_raw_fd()) {
+            c.generation += 1;
+            c.dirs.clear();
+        }
+    }
 }
 
 /// `lstat` of `rel` beneath `root`; `None` when it does not exist.
@@ -148,7 +261,7 @@ pub fn read_dir(root: BorrowedFd<'_>, rel: &str) -> Res<Vec<(OsString, FileType)
 
 /// `stat` of an entry found by `read_dir` (to tell whiteouts from real character devices).
 pub fn lstat_in_dir(root: BorrowedFd<'_>, dir: &str, name: &OsStr) -> Res<Stat> {
-    let fd = open_beneath(root, dir, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
+    let fd = dir_beneath(root, dir)?;
     rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW)
 }
 
@@ -180,16 +293,24 @@ pub fn readlink(root: BorrowedFd<'_>, rel: &str) -> Res<OsString> {
 /// Removes a file (`dir` false) or an empty directory (`dir` true).
 pub fn unlink(root: BorrowedFd<'_>, rel: &str, dir: bool) -> Res<()> {
     let (parent, name) = parent_of(root, rel)?;
-    let flags = if dir {
-        AtFlags::REMOVEDIR
-    } else {
-        AtFlags::empty()
-    };
-    rustix::fs::unlinkat(&parent, name, flags)
+    if !dir {
+        return rustix::fs::unlinkat(&parent, name, AtFlags::empty());
+    }
+    dirs_changed(root);
+    let r = rustix::fs::unlinkat(&parent, name, AtFlags::REMOVEDIR);
+    dirs_changed(root);
+    r
 }
 
 /// Removes `rel` and everything beneath it, never following a symlink.
 pub fn remove_tree(root: BorrowedFd<'_>, rel: &str) -> Res<()> {
+    dirs_changed(root);
+    let r = remove_tree_inner(root, rel);
+    dirs_changed(root);
+    r
+}
+
+fn remove_tree_inner(root: BorrowedFd<'_>, rel: &str) -> Res<()> {
     let Some(st) = lstat(root, rel)? else {
         return Ok(());
     };
@@ -208,7 +329,7 @@ pub fn remove_tree(root: BorrowedFd<'_>, rel: &str) -> Res<()> {
                 rustix::fs::unlinkat(&dir, &name, flags)?;
                 continue;
             }
-            remove_tree(root, &child)?;
+            remove_tree_inner(root, &child)?;
         }
         unlink(root, rel, true)
     } else {
@@ -220,7 +341,10 @@ pub fn remove_tree(root: BorrowedFd<'_>, rel: &str) -> Res<()> {
 pub fn rename(root: BorrowedFd<'_>, from: &str, to: &str, flags: RenameFlags) -> Res<()> {
     let (a, an) = parent_of(root, from)?;
     let (b, bn) = parent_of(root, to)?;
-    rustix::fs::renameat_with(&a, an, &b, bn, flags)
+    dirs_changed(root);
+    let r = rustix::fs::renameat_with(&a, an, &b, bn, flags);
+    dirs_changed(root);
+    r
 }
 
 /// A hard link within one layer.
@@ -539,6 +663,49 @@ mod tests {
         assert_eq!(file_type(&st), FileType::Symlink);
         assert_eq!(readlink(fd.as_fd(), "d/link").unwrap(), "../outside");
         assert!(lstat(fd.as_fd(), "missing").unwrap().is_none());
+    }
+
+    #[test]
+    fn cached_directories_follow_renames_and_removals() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        std::fs::write(dir.path().join("a/b/f"), b"1").unwrap();
+        std::fs::create_dir_all(dir.path().join("x/y")).unwrap();
+        let fd = open_root(dir.path()).unwrap();
+        cache_dirs(fd.as_fd());
+        assert!(lstat(fd.as_fd(), "a/b/f").unwrap().is_some());
+        assert!(lstat(fd.as_fd(), "x/y").unwrap().is_some());
+        // A renamed directory: its old path names nothing, its new one the same files.
+        rename(fd.as_fd(), "a", "z", RenameFlags::empty()).unwrap();
+        assert!(lstat(fd.as_fd(), "a/b/f").unwrap().is_none());
+        assert!(lstat(fd.as_fd(), "z/b/f").unwrap().is_some());
+        mkdir(fd.as_fd(), "a", 0o755).unwrap();
+        mkdir(fd.as_fd(), "a/b", 0o755).unwrap();
+        assert!(lstat(fd.as_fd(), "a/b/f").unwrap().is_none());
+        mknod(fd.as_fd(), "a/b/g", FileType::RegularFile, 0o644, 0).unwrap();
+        assert!(dir.path().join("a/b/g").exists() && !dir.path().join("z/b/g").exists());
+        // A removed directory made again: the new one is used.
+        remove_tree(fd.as_fd(), "x").unwrap();
+        mkdir(fd.as_fd(), "x", 0o755).unwrap();
+        mkdir(fd.as_fd(), "x/y", 0o755).unwrap();
+        mknod(fd.as_fd(), "x/y/n", FileType::RegularFile, 0o644, 0).unwrap();
+        assert!(dir.path().join("x/y/n").exists());
+        // An exchange swaps what the two paths name.
+        rename(fd.as_fd(), "a", "z", RenameFlags::EXCHANGE).unwrap();
+        assert!(lstat(fd.as_fd(), "a/b/f").unwrap().is_some());
+        assert!(lstat(fd.as_fd(), "z/b/g").unwrap().is_some());
+        // Symlinks on the way are still refused beneath a cached directory.
+        std::os::unix::fs::symlink("/etc", dir.path().join("a/b/l")).unwrap();
+        assert_eq!(
+            open_beneath(fd.as_fd(), "a/b/l/passwd", OFlags::RDONLY, Mode::empty()).unwrap_err(),
+            Errno::LOOP
+        );
+        assert_eq!(
+            open_beneath(fd.as_fd(), "a/b/../../../x", OFlags::RDONLY, Mode::empty())
+                .unwrap_err(),
+            Errno::XDEV
+        );
+        uncache_dirs(fd.as_fd());
     }
 
     #[test]

@@ -247,8 +247,9 @@ def test_100_tenants_over_one_base(docker_engine, image, tmp_path):
         print(f"[scale] fence daemon RSS: mean {sum(rss) / len(rss) / 1024:.1f} MiB, "
               f"max {max(rss) / 1024:.1f} MiB; PSS: mean {sum(pss) / len(pss) / 1024:.1f} MiB, "
               f"total {sum(pss) / 1024:.0f} MiB for {len(pss)} daemons")
-        # Not in RSS/PSS: each daemon runs from its own sealed memfd copy of the runtime binary
-        # (CVE-2019-5736 protection), which lives in shared memory for as long as the daemon.
+        # Daemons run from the binary on disk (pages shared by all); what still lands in shared
+        # memory is the sealed memfd copy (CVE-2019-5736 protection) of each runtime process
+        # that starts or enters a container, for as long as it runs (the shims' children).
         shmem = meminfo_kib("Shmem") - shmem_before
         avail = avail_before - meminfo_kib("MemAvailable")
         print(f"[scale] host Shmem grew by {shmem / 1024:.0f} MiB ({shmem / 1024 / N:.1f} MiB per "

@@ -12,13 +12,17 @@ fn main() {
                 std::env::set_var(agentfense::sys::EXE_ENV, p);
             }
         }
-        // First thing, before parsing anything: re-execute from a sealed copy (CVE-2019-5736).
+        // First thing, before parsing anything: re-execute from a sealed copy (CVE-2019-5736),
+        // for every command that may run inside a container or start its processes.
         // Once more if that fails (a transient failure to copy the binary must not fail a
         // container start); then the error goes where the engine reads it, the --log file,
         // not only to stderr (which containerd hands to the container's stdio).
-        if let Err(e) =
+        let sealed = if agentfense::sys::needs_sealed_copy(std::env::args_os().skip(1)) {
             agentfense::sys::ensure_sealed().or_else(|_| agentfense::sys::ensure_sealed())
-        {
+        } else {
+            Ok(())
+        };
+        if let Err(e) = sealed {
             let msg = format!("failed to seal /proc/self/exe: {e}");
             agentfense::logging::report_early_failure(std::env::args_os(), &msg);
             eprintln!("{msg}");

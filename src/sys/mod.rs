@@ -9,6 +9,62 @@ pub fn ensure_sealed() -> std::io::Result<()> {
     pentacle::ensure_sealed()
 }
 
+/// Whether a command line (without the program name) needs the sealed copy: everything that
+/// may start a container's processes or enter a container (`create`, `run`, `exec`, `sandbox`,
+/// hooks, anything not recognised) does. Copying the binary costs about 12 ms per
+/// invocation, and an engine calls the runtime several times per container (`state`,
+/// `start`, `kill`, `delete`): those only read state, signal or clean up from the host,
+/// and never execute inside a container, as with runc.
+pub fn needs_sealed_copy<I, S>(args: I) -> bool
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    const HOST_ONLY: &[&str] = &[
+        "state",
+        "start",
+        "kill",
+        "delete",
+        "list",
+        "ps",
+        "events",
+        "pause",
+        "resume",
+        "features",
+        "spec",
+        "audit",
+        "policy",
+        "completions",
+        "man",
+    ];
+    // runc's global flags that take a value (and ours); `--flag=value` needs no skipping.
+    const VALUED: &[&str] = &[
+        "--log",
+        "-l",
+        "--log-format",
+        "--root",
+        "-r",
+        "--criu",
+        "--rootless",
+        "--agentfense-config",
+    ];
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        let Some(a) = a.as_ref().to_str() else {
+            return true;
+        };
+        if a.starts_with('-') {
+            if VALUED.contains(&a) {
+                it.next();
+            }
+            continue;
+        }
+        return !HOST_ONLY.contains(&a);
+    }
+    // No subcommand: help or version.
+    false
+}
+
 /// The environment variable in which the runtime passes its own on-disk path to its sealed
 /// copy.
 pub const EXE_ENV: &str = "AGENTFENSE_RUNTIME_EXE";
@@ -31,4 +87,44 @@ pub fn daemon_exe() -> std::path::PathBuf {
 /// Whether the running binary is the sealed copy.
 pub fn is_sealed() -> bool {
     pentacle::is_sealed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::needs_sealed_copy;
+
+    fn seal(line: &str) -> bool {
+        needs_sealed_copy(line.split_whitespace())
+    }
+
+    #[test]
+    fn only_host_side_commands_skip_the_sealed_copy() {
+        // What containerd's shim runs per container.
+        assert!(seal("--root /run/containerd/runc/moby --log /x/log.json --log-format json create --bundle /b id"));
+        assert!(!seal(
+            "--root /run/containerd/runc/moby --log /x/log.json --log-format json start id"
+        ));
+        assert!(!seal(
+            "--root /r --log /l --log-format json delete --force id"
+        ));
+        assert!(!seal("--root /r state id"));
+        assert!(!seal("--root=/r --systemd-cgroup kill id 9"));
+        assert!(seal(
+            "--root /r --log /l --log-format json exec --process /p.json id"
+        ));
+        assert!(seal("run --bundle /b id"));
+        assert!(seal(
+            "--agentfense-config /etc/agentfense/c.json --root /r create id"
+        ));
+        assert!(!seal(
+            "--agentfense-config /etc/agentfense/c.json --root /r delete id"
+        ));
+        // A flag's value is never taken for the command; the unknown is sealed.
+        assert!(seal("--root state create id"));
+        assert!(seal("sandbox -- sh"));
+        assert!(seal("hook prestart"));
+        assert!(seal("something-new id"));
+        assert!(!seal("--version"));
+        assert!(!seal("policy check p.json"));
+    }
 }

@@ -150,6 +150,15 @@ pub fn run(config_path: &Path) -> Result<()> {
     if let Ok(mut q) = queue.lock() {
         *q = Some(session.notifier());
     }
+    if invalidation.is_none() {
+        // Not fatal: without a watch the kernel keeps names and attributes one second only
+        // (host changes still show; everything is slower). The usual cause is the per-user
+        // limit of inotify instances, one per fence daemon.
+        eprintln!(
+            "agentfense fence {}: no inotify instance (fs.inotify.max_user_instances reached?):              caches kept 1 s instead of until the host changes a file",
+            cfg.container_id
+        );
+    }
     if let Some((watch, nodes)) = invalidation {
         let notifier = session.notifier();
         std::thread::Builder::new()

@@ -171,3 +171,24 @@ def test_foreground_run_records_the_exit_status(tmp_path, image):
     assert any(r.get("op") == "lookup" and r["path"] == "/.env" for r in recs)
     assert audit("verify", cid).returncode == 0
     no_leftovers()
+
+
+def test_every_probe_of_a_hidden_name_is_recorded(docker_engine, image, tmp_path):
+    """The kernel may remember that a name does not exist, but never for a name the policy
+    hides: each probe reaches the daemon and the trail, whether the hidden file exists or not."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / ".env").write_text("SECRET\n")
+    name = unique()
+    p = sh([DOCKER, "run", "--name", name, "--runtime", "agentfense", "-e", "AGENTFENSE_PRESET=agent-safe",
+            "-v", f"{repo}:/workspace", IMAGE, "sh", "-c",
+            "for i in 1 2 3; do cat /workspace/.env; cat /workspace/.env.local; "
+            "cat /workspace/absent; done 2>&1 | grep -c 'No such file'"], timeout=120)
+    assert p.stdout.strip() == "9", p.stdout + p.stderr
+    cid = sh([DOCKER, "inspect", "-f", "{{.Id}}", name], check=True).stdout.strip()
+    sh([DOCKER, "rm", name], check=True)
+    hidden = [r["path"] for r in records(cid) if r.get("decision") == "hidden"]
+    assert hidden.count("/.env") == 3, hidden
+    assert hidden.count("/.env.local") == 3, hidden
+    assert "/absent" not in hidden
+    no_leftovers()

@@ -124,6 +124,28 @@ enum OpenIo {
 /// first; larger read-only files keep passthrough (no second copy in memory).
 const KEEP_CACHE_MAX: u64 = 1 << 20;
 
+/// The entry of a name that does not exist (node 0), for the kernel to remember as such.
+fn negative_entry() -> FileAttr {
+    let t = std::time::UNIX_EPOCH;
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: fuser::FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 /// At most this many directories' owners are remembered for permission checks.
 const DIR_CACHE: usize = 16384;
 
@@ -470,6 +492,21 @@ impl Fence {
             None => self.layers.upper(),
         };
         w.watch(host, &dir.path, rel(&dir.path));
+    }
+
+    /// How long the kernel may remember that `name` does not exist in directory `parent`:
+    /// long where a host change reaches the kernel as an invalidation (the directory is
+    /// watched, or holds only the container's own entries), for names the policy leaves
+    /// visible (a probe of a hidden one reaches the daemon every time, for the audit trail);
+    /// None: not at all.
+    fn negative_ttl(&self, parent: INodeNo, name: &OsStr) -> Option<Duration> {
+        let w = self.watch.as_ref()?;
+        let parent = self.node(parent).ok()?;
+        let path = child_path(&parent.path, name.to_str()?);
+        let visible = self.policy.decide(&path, false).visible()
+            && self.policy.decide(&path, true).visible();
+        let stable = self.layers.cow() && !parent.merge_base;
+        (visible && (stable || w.watched(&parent.path))).then_some(watch::LONG_TTL)
     }
 
     /// How long the kernel may keep the entry and attributes of node `ino`: long when a change
@@ -1686,6 +1723,11 @@ impl Filesystem for Fence {
         set_who(req);
         match self.do_lookup(parent, name) {
             Ok(attr) => reply.entry(&self.ttl_of(attr.ino.0), &attr, Generation(0)),
+            Err(Errno::NOENT) => match self.negative_ttl(parent, name) {
+                // Node 0: "no such name", which the kernel may remember that long.
+                Some(ttl) => reply.entry(&ttl, &negative_entry(), Generation(0)),
+                None => reply.error(FErrno::ENOENT),
+            },
             Err(e) => reply.error(ferr(e)),
         }
     }

@@ -4,8 +4,8 @@
 use std::fs::File;
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -35,7 +35,12 @@ type Msg = Box<(SystemTime, AccessRecord)>;
 pub struct AuditLog {
     level: AuditLevel,
     overflow: AuditOverflow,
-    tx: Option<SyncSender<Msg>>,
+    tx: Option<Sender<Msg>>,
+    /// Records queued and not yet taken by the writer, at most `capacity`. (A counter over an
+    /// unbounded channel rather than a bounded channel: that one allocates and touches all
+    /// its slots up front, a MiB per idle daemon.)
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
     dropped: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
@@ -72,26 +77,33 @@ impl AuditLog {
         capacity: usize,
     ) -> io::Result<AuditLog> {
         let dropped = Arc::new(AtomicU64::new(0));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let capacity = capacity.max(1);
         if level == AuditLevel::Off {
             return Ok(AuditLog {
                 level,
                 overflow,
                 tx: None,
+                queued,
+                capacity,
                 dropped,
                 thread: None,
             });
         }
         let file = open_log(path)?;
-        let (tx, rx) = sync_channel(capacity.max(1));
+        let (tx, rx) = channel();
         let container = container.to_string();
         let d = Arc::clone(&dropped);
+        let q = Arc::clone(&queued);
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer(file, container, rx, d))?;
+            .spawn(move || writer(file, container, rx, q, d))?;
         Ok(AuditLog {
             level,
             overflow,
             tx: Some(tx),
+            queued,
+            capacity,
             dropped,
             thread: Some(thread),
         })
@@ -117,11 +129,18 @@ impl AuditLog {
             return;
         }
         let msg = Box::new((SystemTime::now(), rec));
-        let sent = match self.overflow {
-            AuditOverflow::Count => tx.try_send(msg).is_ok(),
-            AuditOverflow::Block => tx.send(msg).is_ok(),
-        };
-        if !sent {
+        // Take a place in the queue: when it is full, count the record as dropped, or wait
+        // for the writer to make room.
+        while self.queued.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            if self.overflow == AuditOverflow::Count {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if tx.send(msg).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -148,10 +167,17 @@ impl Drop for AuditLog {
 }
 
 /// The writer thread: batch, append, and at the end the `daemon-stop` record.
-fn writer(file: File, container: String, rx: Receiver<Msg>, dropped: Arc<AtomicU64>) {
+fn writer(
+    file: File,
+    container: String,
+    rx: Receiver<Msg>,
+    queued: Arc<AtomicUsize>,
+    dropped: Arc<AtomicU64>,
+) {
     let mut cache = None;
-    let mut batch: Vec<Pending> = Vec::with_capacity(BATCH);
+    let mut batch: Vec<Pending> = Vec::new();
     let push = |batch: &mut Vec<Pending>, m: Msg| {
+        queued.fetch_sub(1, Ordering::AcqRel);
         let (t, r) = *m;
         batch.push(Pending::Access(t, r));
     };

@@ -503,8 +503,8 @@ impl Fence {
         let w = self.watch.as_ref()?;
         let parent = self.node(parent).ok()?;
         let path = child_path(&parent.path, name.to_str()?);
-        let visible = self.policy.decide(&path, false).visible()
-            && self.policy.decide(&path, true).visible();
+        let visible =
+            self.policy.decide(&path, false).visible() && self.policy.decide(&path, true).visible();
         let stable = self.layers.cow() && !parent.merge_base;
         (visible && (stable || w.watched(&parent.path))).then_some(watch::LONG_TTL)
     }

@@ -701,8 +701,7 @@ mod tests {
             Errno::LOOP
         );
         assert_eq!(
-            open_beneath(fd.as_fd(), "a/b/../../../x", OFlags::RDONLY, Mode::empty())
-                .unwrap_err(),
+            open_beneath(fd.as_fd(), "a/b/../../../x", OFlags::RDONLY, Mode::empty()).unwrap_err(),
             Errno::XDEV
         );
         uncache_dirs(fd.as_fd());

@@ -225,7 +225,8 @@ def make_bundle(tmp_path, args, annotations, workspace=None, rootfs=None):
 class DirectFence:
     """A fence mounted by the daemon itself, no engine or container: over `base` (None: the
     workspace `upper` is changed in place, delta=off), delta in `upper`, mounted at `mnt`.
-    `umask` and `nofile` set the daemon's umask and descriptor limit at start."""
+    `umask` and `nofile` set the daemon's umask and descriptor limit at start (`nofile`: N, or
+    "SOFT:HARD")."""
 
     def __init__(self, base, upper, mnt, policy, cid="direct", umask=None, nofile=None):
         self.mnt = Path(mnt)
@@ -238,7 +239,9 @@ class DirectFence:
         self.cfg = Path(str(self.mnt) + ".json")
         self.cfg.write_text(json.dumps(cfg))
         self.err = open(str(self.mnt) + ".stderr", "w+")
-        limit = ["prlimit", f"--nofile={nofile}:{nofile}"] if nofile else []
+        if nofile and ":" not in str(nofile):
+            nofile = f"{nofile}:{nofile}"
+        limit = ["prlimit", f"--nofile={nofile}"] if nofile else []
         self.proc = subprocess.Popen(
             [*limit, str(BIN), "fence-daemon", str(self.cfg)], stdout=subprocess.PIPE,
             stderr=self.err, text=True,

@@ -157,6 +157,20 @@ def test_descriptor_exhaustion_is_an_error_not_a_crash(tmp_path):
         f.close()
 
 
+def test_daemon_takes_its_hard_descriptor_limit(tmp_path):
+    """Engines often leave a soft limit of 1024 descriptors; the daemon holds one for every file
+    the container keeps open (and its cached directories), so it raises its own to the hard
+    limit it was given."""
+    base = tmp_path / "base"
+    base.mkdir()
+    f = Fence(tmp_path, base, nofile="256:4096")
+    try:
+        line = Path(f"/proc/{f.pid()}/limits").read_text().split("Max open files")[1].split()
+        assert (int(line[0]), int(line[1])) == (4096, 4096), line
+    finally:
+        f.close()
+
+
 def test_host_renames_and_deletes_under_a_busy_fence(tmp_path):
     base = tmp_path / "base"
     for d in range(20):

@@ -80,6 +80,21 @@ pub fn run(config_path: &Path) -> Result<()> {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
+    // Every file the container holds open is a descriptor here, plus the upper layer's
+    // cached directories: the soft limit the engine left (often 1024) goes up to the hard one.
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if lim
+        .maximum
+        .is_some_and(|max| lim.current.is_some_and(|cur| cur < max))
+    {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        );
+    }
     // Our own session: no signal aimed at the runtime's process group reaches us.
     let _ = nix::unistd::setsid();
     close_inherited_fds();

@@ -163,8 +163,9 @@ pub fn dir_beneath<'r>(root: BorrowedFd<'r>, dir: &str) -> Res<Dir<'r>> {
 }
 
 /// Directories of the one layer whose tree only this process changes (a fence's upper
-/// layer), by path: a path walk of `openat2` per operation becomes one lookup here. Every
-/// directory removal or rename in that layer empties it, before and after the change.
+/// layer), by path (at most 256 descriptors): a path walk of `openat2` per operation becomes
+/// one lookup here. Every directory removal or rename in that layer empties it, before and
+/// after the change.
 struct DirCache {
     root: RawFd,
     generation: u64,
@@ -173,7 +174,7 @@ struct DirCache {
 
 static DIRS: Mutex<Option<DirCache>> = Mutex::new(None);
 
-const DIR_CACHE_MAX: usize = 1024;
+const DIR_CACHE_MAX: usize = 256;
 
 /// Caches directories beneath `root` from now on: only for a tree that nothing but this
 /// process changes, and held open until [`uncache_dirs`].

@@ -1189,18 +1189,21 @@ def test_two_processes_race_renames(docker_engine, image, attack, scene):
 end=$(( $(date +%s) + 4 ))
 ( n=0; while [ $(date +%s) -lt $end ]; do
     mv /w/write/r/mine /w/write/r/x 2>/dev/null; mv /w/write/r/x /w/write/r/mine 2>/dev/null
-    /attack -a "exchange /w/write/r/mine /w/write/r/other" >/dev/null; n=$((n+3)); done; echo "A $n" ) &
+    /attack -a "exchange /w/write/r/mine /w/write/r/other" >/dev/null; n=$((n+3)); done; echo "A $n" > /dev/shm/n.A ) &
 ( n=0; while [ $(date +%s) -lt $end ]; do
     cat /w/write/r/mine/f /w/write/r/x/f /w/write/r/other/f /w/write/.env /w/write/r/mine/.env 2>&1
     ls /w/write/r /w/write/r/mine /w/write/r/x /w/write/a 2>&1
-    /attack -a "getdents /w/write/r/mine" "read /w/write/r/x/f" "read /w/write/a/.env"; n=$((n+12)); done; echo "B $n" ) &
+    /attack -a "getdents /w/write/r/mine" "read /w/write/r/x/f" "read /w/write/a/.env"; n=$((n+12)); done; echo "B $n" > /dev/shm/n.B ) &
 ( n=0; i=0; while [ $(date +%s) -lt $end ]; do i=$((i+1))
     echo c > /w/write/r/mine/c$i 2>/dev/null
     /attack -a "rename /w/write/r/mine/c$i /w/write/.env" "rename /w/write/r/mine /w/write/secrets" \
       "rename /w/write/r/x /w/write/a/secrets" "link /w/write/r/mine/f /w/write/.env.x" \
       "rename /w/write/r/other/f /w/write/r/.env" "rename /w/write/r/mine /w/read/m"
-    rm -f /w/write/r/mine/c$i 2>/dev/null; n=$((n+8)); done; echo "C $n" ) &
+    rm -f /w/write/r/mine/c$i 2>/dev/null; n=$((n+8)); done; echo "C $n" > /dev/shm/n.C ) &
 wait
+# (The counts go through files: a long listing written in pieces by one process may take
+# another's line into its middle on the shared pipe.)
+cat /dev/shm/n.A /dev/shm/n.B /dev/shm/n.C
 """
     p = sh([DOCKER, "exec", name, "sh", "-c", race], timeout=60)
     counts = dict((k, int(v)) for k, v in re.findall(r"^([ABC]) (\d+)$", p.stdout, flags=re.M))

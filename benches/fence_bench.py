@@ -167,7 +167,9 @@ def main():
         shutil.copytree(REPO / "src", workspace, symlinks=True)
         d = C.Docker(cfg, cleanup)
         d.check()
-        group("containers", lambda: C.startup(d, workspace, cfg.runs, results, Result))
+        # Container starts vary by tens of milliseconds from one to the next: more runs there.
+        group("containers", lambda: C.startup(d, workspace, max(cfg.runs, 3) * 3 if not a.quick
+                                              else cfg.runs, results, Result))
 
         def scale_():
             nonlocal scale
@@ -213,7 +215,8 @@ def main():
             f"{info.get('tree', (0, 0))[1] / MiB:.0f} MiB)")
     rep.out(f"{cfg.runs} timed runs per figure after one warm-up (writes: no warm-up; cold cache: "
             f"{cfg.cold_runs} runs, caches dropped before each"
-            f"{'' if cfg.can_drop else ' - NOT PERMITTED here, skipped'}); "
+            f"{'' if cfg.can_drop else ' - NOT PERMITTED here, skipped'}"
+            f"{'' if a.quick else f'; container start and exec: {max(cfg.runs, 3) * 3} runs'}); "
             "median, min, max; runs interleaved across setups; ratio = median / native median of this run")
     rep.out("rows read-only, agent-safe, full-access: agentfense-runc's fence daemon with that preset "
             "(audit level as labelled)")

@@ -118,6 +118,15 @@ enum OpenIo {
     Plain,
 }
 
+/// Counts one more page-cache open of `ino` (one whose passthrough opens are all gone, if it
+/// had any).
+fn count_cached_open(map: &mut HashMap<u64, Io>, ino: u64) {
+    match map.entry(ino).or_insert(Io::Cached(0)) {
+        Io::Cached(n) => *n += 1,
+        e => *e = Io::Cached(1),
+    }
+}
+
 /// Files up to this size are served through the page cache, kept across opens, rather than by
 /// passthrough: a passthrough read makes the kernel refetch the attributes at the next stat
 /// (it invalidates atime), which costs a round trip per file to every `grep -r` after the
@@ -1463,10 +1472,7 @@ impl Fence {
         // as an invalidation (which drops the cached pages too).
         let keep = bypass.is_some() && self.ttl_of(ino) == watch::LONG_TTL;
         let cached = |map: &mut HashMap<u64, Io>, how| {
-            match map.entry(ino).or_insert(Io::Cached(0)) {
-                Io::Cached(n) => *n += 1,
-                e => *e = Io::Cached(1),
-            }
+            count_cached_open(map, ino);
             how
         };
         match map.get(&ino) {
@@ -1522,10 +1528,7 @@ impl Fence {
     /// Counts a page-cache open made by create(2).
     fn io_created(&self, ino: u64) {
         if let Ok(mut map) = self.io.lock() {
-            match map.entry(ino).or_insert(Io::Cached(0)) {
-                Io::Cached(n) => *n += 1,
-                e => *e = Io::Cached(1),
-            }
+            count_cached_open(&mut map, ino);
         }
     }
 

@@ -133,7 +133,8 @@ impl AuditLog {
         // for the writer to make room.
         while self.queued.fetch_add(1, Ordering::AcqRel) >= self.capacity {
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            if self.overflow == AuditOverflow::Count {
+            let writer_gone = self.thread.as_ref().is_none_or(|t| t.is_finished());
+            if self.overflow == AuditOverflow::Count || writer_gone {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 return;
             }

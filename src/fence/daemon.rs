@@ -170,7 +170,8 @@ pub fn run(config_path: &Path) -> Result<()> {
         // (host changes still show; everything is slower). The usual cause is the per-user
         // limit of inotify instances, one per fence daemon.
         eprintln!(
-            "agentfense fence {}: no inotify instance (fs.inotify.max_user_instances reached?):              caches kept 1 s instead of until the host changes a file",
+            "agentfense fence {}: no inotify instance (fs.inotify.max_user_instances reached?): \
+             caches kept 1 s instead of until the host changes a file",
             cfg.container_id
         );
     }

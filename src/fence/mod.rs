@@ -509,13 +509,20 @@ impl Fence {
     /// visible (a probe of a hidden one reaches the daemon every time, for the audit trail);
     /// None: not at all.
     fn negative_ttl(&self, parent: INodeNo, name: &OsStr) -> Option<Duration> {
-        let w = self.watch.as_ref()?;
         let parent = self.node(parent).ok()?;
         let path = child_path(&parent.path, name.to_str()?);
         let visible =
             self.policy.decide(&path, false).visible() && self.policy.decide(&path, true).visible();
-        let stable = self.layers.cow() && !parent.merge_base;
-        (visible && (stable || w.watched(&parent.path))).then_some(watch::LONG_TTL)
+        (visible && self.changes_invalidate(&parent.path, parent.merge_base))
+            .then_some(watch::LONG_TTL)
+    }
+
+    /// Whether every change to the entries of directory `dir` reaches the kernel as an
+    /// invalidation: the host's through the watch, the container's through the kernel itself
+    /// (a directory whose base entries do not show through holds only the container's).
+    fn changes_invalidate(&self, dir: &str, merges_base: bool) -> bool {
+        let Some(w) = &self.watch else { return false };
+        (self.layers.cow() && !merges_base) || w.watched(dir)
     }
 
     /// How long the kernel may keep the entry and attributes of node `ino`: long when a change
@@ -525,7 +532,6 @@ impl Fence {
         if self.multi_linked.lock().is_ok_and(|m| m.contains(&ino)) {
             return Duration::ZERO;
         }
-        let Some(w) = &self.watch else { return TTL };
         let Some((path, parent_merge)) = self
             .nodes
             .lock()
@@ -534,8 +540,8 @@ impl Fence {
         else {
             return TTL;
         };
-        let stable = self.layers.cow() && (!parent_merge || path == "/");
-        if stable || w.watched(parent_path(&path)) {
+        // (The root is the upper layer's own entry.)
+        if self.changes_invalidate(parent_path(&path), parent_merge && path != "/") {
             watch::LONG_TTL
         } else {
             TTL
@@ -1471,9 +1477,10 @@ impl Fence {
         // The page cache is kept across opens only where a host change reaches the kernel
         // as an invalidation (which drops the cached pages too).
         let keep = bypass.is_some() && self.ttl_of(ino) == watch::LONG_TTL;
-        let cached = |map: &mut HashMap<u64, Io>, how| {
-            count_cached_open(map, ino);
-            how
+        let page_cache = if keep {
+            OpenIo::KeepCache
+        } else {
+            OpenIo::Plain
         };
         match map.get(&ino) {
             Some(Io::Pass(w)) => {
@@ -1483,46 +1490,27 @@ impl Fence {
                 }
             }
             Some(Io::Cached(n)) if *n > 0 => {
-                let how = if keep {
-                    OpenIo::KeepCache
-                } else {
-                    OpenIo::Plain
-                };
-                return cached(&mut map, how);
+                count_cached_open(&mut map, ino);
+                return page_cache;
             }
             _ => {}
         }
-        match bypass {
-            Some(b) if keep && b.size <= KEEP_CACHE_MAX => cached(&mut map, OpenIo::KeepCache),
-            Some(b) if b.pass && self.passthrough => match reply.open_backing(fd) {
-                Ok(b) => {
-                    let b = std::sync::Arc::new(b);
-                    map.insert(ino, Io::Pass(std::sync::Arc::downgrade(&b)));
-                    if map.len() > 4096 {
-                        map.retain(|_, io| !matches!(io, Io::Pass(w) if w.strong_count() == 0));
-                    }
-                    OpenIo::Pass(b)
-                }
-                // A registration the kernel refuses (e.g. a backing file system stacked too
-                // deep) leaves the file served by the daemon as usual.
-                Err(_) => cached(
-                    &mut map,
-                    if keep {
-                        OpenIo::KeepCache
-                    } else {
-                        OpenIo::Plain
-                    },
-                ),
-            },
-            _ => cached(
-                &mut map,
-                if keep {
-                    OpenIo::KeepCache
-                } else {
-                    OpenIo::Plain
-                },
-            ),
+        let small = bypass
+            .as_ref()
+            .is_some_and(|b| keep && b.size <= KEEP_CACHE_MAX);
+        let pass = bypass.is_some_and(|b| b.pass) && self.passthrough && !small;
+        // A registration the kernel refuses (e.g. a backing file system stacked too deep)
+        // leaves the file served through the page cache, by the daemon, as usual.
+        if let Some(b) = pass.then(|| reply.open_backing(fd).ok()).flatten() {
+            let b = std::sync::Arc::new(b);
+            map.insert(ino, Io::Pass(std::sync::Arc::downgrade(&b)));
+            if map.len() > 4096 {
+                map.retain(|_, io| !matches!(io, Io::Pass(w) if w.strong_count() == 0));
+            }
+            return OpenIo::Pass(b);
         }
+        count_cached_open(&mut map, ino);
+        page_cache
     }
 
     /// Counts a page-cache open made by create(2).

@@ -61,13 +61,13 @@ pub fn case_insensitive(dir: BorrowedFd<'_>) -> Res<bool> {
 
 /// Opens `rel` beneath `root`. `rel` is `"."` for the root itself.
 pub fn open_beneath(root: BorrowedFd<'_>, rel: &str, flags: OFlags, mode: Mode) -> Res<OwnedFd> {
-    if let (Some(i), true) = (rel.rfind('/'), is_cached(root)) {
+    if let Some(i) = rel.rfind('/') {
         // The parent from the cache, then one component beneath it, resolved the same way.
         // (A parent that is not a directory, a symlink say, gets the full walk's answer.)
-        match dir_beneath(root, &rel[..i]) {
-            Ok(dir) => return openat2_beneath(dir.as_fd(), &rel[i + 1..], flags, mode),
-            Err(Errno::NOTDIR) => {}
-            Err(e) => return Err(e),
+        match cached_dir(root, &rel[..i]) {
+            Some(Ok(dir)) => return openat2_beneath(dir.as_fd(), &rel[i + 1..], flags, mode),
+            Some(Err(Errno::NOTDIR)) | None => {}
+            Some(Err(e)) => return Err(e),
         }
     }
     openat2_beneath(root, rel, flags, mode)
@@ -135,20 +135,27 @@ pub fn dir_beneath<'r>(root: BorrowedFd<'r>, dir: &str) -> Res<Dir<'r>> {
     if dir == "." {
         return Ok(Dir::Root(root));
     }
+    cached_dir(root, dir).unwrap_or_else(|| {
+        openat2_beneath(root, dir, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).map(Dir::Owned)
+    })
+}
+
+/// Directory `dir` beneath `root` from the cache, opened and kept there if need be; None when
+/// `root` is not the cached layer.
+fn cached_dir<'r>(root: BorrowedFd<'r>, dir: &str) -> Option<Res<Dir<'r>>> {
+    let generation = {
+        let mut g = DIRS.lock().ok()?;
+        let c = g.as_mut().filter(|c| c.root == root.as_raw_fd())?;
+        if let Some(fd) = c.dirs.get(dir) {
+            return Some(Ok(Dir::Shared(fd.clone())));
+        }
+        c.generation
+    };
     let flags = OFlags::PATH | OFlags::DIRECTORY;
-    let Ok(mut g) = DIRS.lock() else {
-        return openat2_beneath(root, dir, flags, Mode::empty()).map(Dir::Owned);
+    let fd = match openat2_beneath(root, dir, flags, Mode::empty()) {
+        Ok(fd) => Arc::new(fd),
+        Err(e) => return Some(Err(e)),
     };
-    let Some(c) = g.as_mut().filter(|c| c.root == root.as_raw_fd()) else {
-        drop(g);
-        return openat2_beneath(root, dir, flags, Mode::empty()).map(Dir::Owned);
-    };
-    if let Some(fd) = c.dirs.get(dir) {
-        return Ok(Dir::Shared(fd.clone()));
-    }
-    let generation = c.generation;
-    drop(g);
-    let fd = Arc::new(openat2_beneath(root, dir, flags, Mode::empty())?);
     if let Ok(mut g) = DIRS.lock() {
         // Kept only if no directory was removed or renamed meanwhile (the path might then
         // name another directory, or none).
@@ -159,7 +166,7 @@ pub fn dir_beneath<'r>(root: BorrowedFd<'r>, dir: &str) -> Res<Dir<'r>> {
             c.dirs.insert(dir.to_string(), fd.clone());
         }
     }
-    Ok(Dir::Shared(fd))
+    Some(Ok(Dir::Shared(fd)))
 }
 
 /// Directories of the one layer whose tree only this process changes (a fence's upper
@@ -197,19 +204,22 @@ pub fn uncache_dirs(root: BorrowedFd<'_>) {
     }
 }
 
-fn is_cached(root: BorrowedFd<'_>) -> bool {
-    DIRS.lock()
-        .is_ok_and(|g| g.as_ref().is_some_and(|c| c.root == root.as_raw_fd()))
-}
-
-/// A directory beneath `root` goes away or moves: forget every cached one.
-fn dirs_changed(root: BorrowedFd<'_>) {
-    if let Ok(mut g) = DIRS.lock() {
-        if let Some(c) = g.as_mut().filter(|c| c.root == root.as_raw_fd()) {
-            c.generation += 1;
-            c.dirs.clear();
+/// Runs `change`, which may remove or move directories beneath `root`: every cached one is
+/// forgotten before it (no lookup meanwhile stores one) and after it (none stored during it
+/// outlives it).
+fn moving_dirs<T>(root: BorrowedFd<'_>, change: impl FnOnce() -> Res<T>) -> Res<T> {
+    let forget = || {
+        if let Ok(mut g) = DIRS.lock() {
+            if let Some(c) = g.as_mut().filter(|c| c.root == root.as_raw_fd()) {
+                c.generation += 1;
+                c.dirs.clear();
+            }
         }
-    }
+    };
+    forget();
+    let r = change();
+    forget();
+    r
 }
 
 /// `lstat` of `rel` beneath `root`; `None` when it does not exist.
@@ -297,18 +307,14 @@ pub fn unlink(root: BorrowedFd<'_>, rel: &str, dir: bool) -> Res<()> {
     if !dir {
         return rustix::fs::unlinkat(&parent, name, AtFlags::empty());
     }
-    dirs_changed(root);
-    let r = rustix::fs::unlinkat(&parent, name, AtFlags::REMOVEDIR);
-    dirs_changed(root);
-    r
+    moving_dirs(root, || {
+        rustix::fs::unlinkat(&parent, name, AtFlags::REMOVEDIR)
+    })
 }
 
 /// Removes `rel` and everything beneath it, never following a symlink.
 pub fn remove_tree(root: BorrowedFd<'_>, rel: &str) -> Res<()> {
-    dirs_changed(root);
-    let r = remove_tree_inner(root, rel);
-    dirs_changed(root);
-    r
+    moving_dirs(root, || remove_tree_inner(root, rel))
 }
 
 fn remove_tree_inner(root: BorrowedFd<'_>, rel: &str) -> Res<()> {
@@ -342,10 +348,7 @@ fn remove_tree_inner(root: BorrowedFd<'_>, rel: &str) -> Res<()> {
 pub fn rename(root: BorrowedFd<'_>, from: &str, to: &str, flags: RenameFlags) -> Res<()> {
     let (a, an) = parent_of(root, from)?;
     let (b, bn) = parent_of(root, to)?;
-    dirs_changed(root);
-    let r = rustix::fs::renameat_with(&a, an, &b, bn, flags);
-    dirs_changed(root);
-    r
+    moving_dirs(root, || rustix::fs::renameat_with(&a, an, &b, bn, flags))
 }
 
 /// A hard link within one layer.
